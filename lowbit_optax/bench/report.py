@@ -1,0 +1,273 @@
+"""Writing the benchmark's results: a console table, results.json, results.md, a PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lowbit_optax.bench import registry
+
+Results = dict[str, Any]
+MIB = 2**20
+
+NOTES = f"""\
+How to read this:
+- *state B/param*: exact optimizer-state bytes (`lowbit_optax.state_bytes` of the real
+  state, at each dtype's bit width) divided by the number of parameters.
+- *update ms*: jitted `tx.update` + `optax.apply_updates` on the task's parameter shapes
+  with fixed random gradients. *step ms*: the whole jitted training step (forward,
+  backward, update, apply). Both donate params and optimizer state and exclude
+  compilation. Times are medians over repeats taken round-robin across optimizers in
+  this one process; a *ratio* is that median divided by {registry.REFERENCE}'s.
+- Step times are medians over chunks of `log_every` steps. GaLore recomputes its
+  projection (an SVD) only when `count % 200 == 0`; those steps fall into a few
+  chunks only, so the medians are steady-state costs (the amortized SVD is not included).
+- *compiled MiB*: XLA's planned temp + output bytes of the compiled program
+  (`memory_analysis()`; the training step for lm/digits, the update for `update`).
+  *peak MiB*: the device's process-wide `peak_bytes_in_use` (n/a where the backend does
+  not report it, as on CPU).
+- *train loss*: mean over the last `log_every` steps; *eval loss*: held-out data after
+  the last step; *eval vs {registry.REFERENCE}*: relative difference of the eval loss.
+"""
+
+
+def clean_for_json(value: Any) -> Any:
+    """Replaces non-finite floats by None (strict JSON), recursing into containers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): clean_for_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_for_json(v) for v in value]
+    return value
+
+
+def fmt(value: float | None, spec: str = ".3f") -> str:
+    """A number in ``spec`` format, or ``n/a`` for None."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / MIB:.1f}"
+
+
+def _vs_reference(rec: Results, ref: Results | None) -> str:
+    """Relative difference of eval loss to the reference, in percent."""
+    if ref is None or rec["eval_loss"] is None or not ref["eval_loss"]:
+        return "n/a"
+    return f"{100 * (rec['eval_loss'] / ref['eval_loss'] - 1):+.1f}%"
+
+
+def table_rows(task: Results) -> list[list[str]]:
+    """Header and one row per optimizer for a task's results."""
+    ref_name = registry.REFERENCE
+    results = task["results"]
+    ref = results.get(ref_name)
+    with_acc = any(r["eval_accuracy"] is not None for r in results.values())
+    header = [
+        "optimizer",
+        "status",
+        "state B/param",
+        "update ms",
+        "update ratio",
+        "step ms",
+        "step ratio",
+        "compiled MiB",
+        "peak MiB",
+        "train loss",
+        "eval loss",
+        f"eval vs {ref_name}",
+    ] + (["eval acc"] if with_acc else [])
+    rows = [header]
+    for name, rec in results.items():
+        row = [
+            name,
+            "ok" if rec["status"] == "ok" else "error",
+            fmt(rec["bytes_per_param"], ".4f"),
+            fmt(rec["update_ms"], ".2f"),
+            fmt(rec["update_ratio"], ".2f"),
+            fmt(rec["step_ms"], ".2f"),
+            fmt(rec["step_ratio"], ".2f"),
+            _mib(rec["compiled_bytes"]),
+            _mib(rec["peak_bytes"]),
+            fmt(rec["final_train_loss"], ".4f"),
+            fmt(rec["eval_loss"], ".4f"),
+            _vs_reference(rec, ref),
+        ] + ([fmt(rec["eval_accuracy"], ".3f")] if with_acc else [])
+        rows.append(row)
+    return rows
+
+
+def errors(task: Results) -> list[str]:
+    """``name: status`` for every optimizer that failed on a task."""
+    return [f"{n}: {r['status']}" for n, r in task["results"].items() if r["status"] != "ok"]
+
+
+def console_table(name: str, task: Results) -> str:
+    """A plain-text table of one task, with failures listed below it."""
+    rows = table_rows(task)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"== {name} =="]
+    for row in rows:
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    lines += errors(task)
+    return "\n".join(lines)
+
+
+def markdown_table(task: Results) -> str:
+    """A GitHub markdown table of one task."""
+    rows = table_rows(task)
+    lines = ["| " + " | ".join(rows[0]) + " |"]
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def summary_table(results: Results) -> str:
+    """One compact markdown table over all tasks (the one README shows)."""
+    ref = registry.REFERENCE
+    lines = [
+        f"| task | optimizer | state B/param | update time vs {ref} | step time vs {ref} "
+        f"| eval loss | eval loss vs {ref} |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for task_name, task in results["tasks"].items():
+        ref_rec = task["results"].get(ref)
+        for name, rec in task["results"].items():
+            if rec["status"] != "ok":
+                lines.append(f"| {task_name} | {name} | error | | | | |")
+                continue
+            ratio = lambda r: "n/a" if r is None else f"{r:.2f}x"
+            lines.append(
+                f"| {task_name} | {name} | {fmt(rec['bytes_per_param'], '.3f')} "
+                f"| {ratio(rec['update_ratio'])} | {ratio(rec['step_ratio'])} "
+                f"| {fmt(rec['eval_loss'], '.4f')} | {_vs_reference(rec, ref_rec)} |"
+            )
+    return "\n".join(lines)
+
+
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def sync_readme(readme: Path, results: Results) -> None:
+    """Replaces the README's block between the results markers with the summary table."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} block")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    meta = results["meta"]
+    device = f"{meta['device_kind']} ({meta['backend']}, {meta['cpu_count']} CPU cores)"
+    block = f"\nMeasured on {device}:\n\n{summary_table(results)}\n"
+    readme.write_text(head + README_BEGIN + block + README_END + tail)
+
+
+def _config_line(config: Results) -> str:
+    keys = ("steps", "lr", "batch_size", "log_every", "eval_every", "rounds", "calls")
+    parts = [f"{k} {config[k]}" for k in keys if k in config]
+    parts.append(f"{config['num_params']:,} params")
+    return ", ".join(parts)
+
+
+def markdown(results: Results) -> str:
+    """The whole results.md: run header, reading notes, one section per task."""
+    meta = results["meta"]
+    lines = [
+        "# lowbit_optax benchmark",
+        "",
+        f"- date: {meta['date']}",
+        f"- backend: {meta['backend']}, device: {meta['device_kind']} "
+        f"({meta['device_count']} device(s), {meta['cpu_count']} CPU cores)",
+        f"- versions: jax {meta['jax']}, optax {meta['optax']}, "
+        f"lowbit_optax {meta['lowbit_optax']}, python {meta['python']}",
+        f"- seed: {meta['seed']}, quick: {meta['quick']}, reference: {meta['reference']}",
+        f"- command: `{meta['command']}`",
+        f"- wall time: {meta['wall_s']:.0f} s",
+        "- optimizers:",
+        *(f"  - `{name}`: {desc}" for name, desc in meta["optimizers"].items()),
+        "",
+        NOTES,
+        "## Summary",
+        "",
+        summary_table(results),
+        "",
+    ]
+    for name, task in results["tasks"].items():
+        config = task["config"]
+        lines += [f"## {name}", "", f"{_config_line(config)} ({task['wall_s']:.0f} s)  "]
+        lines += [f"{k}: {config[k]}  " for k in ("model", "data", "schedule") if k in config]
+        lines += ["", markdown_table(task), ""]
+        lines += [f"- {e}" for e in errors(task)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_json(results: Results, path: Path) -> None:
+    """results.json, strict JSON (non-finite numbers become null)."""
+    path.write_text(json.dumps(clean_for_json(results), indent=1, allow_nan=False) + "\n")
+
+
+def plot(results: Results, path: Path) -> None:
+    """Loss curves per training task and state bytes/param bars, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = results["tasks"]
+    trained = [n for n, t in tasks.items() if any(r["curve"] for r in t["results"].values())]
+    fig, axes = plt.subplots(
+        1, len(trained) + 1, figsize=(5.5 * (len(trained) + 1), 4.2), squeeze=False
+    )
+    names = list(dict.fromkeys(n for t in tasks.values() for n in t["results"]))
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    for ax, task_name in zip(axes[0], trained, strict=False):
+        _plot_curves(ax, task_name, tasks[task_name], colors)
+    _plot_state_bars(axes[0][-1], tasks, names, colors)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_curves(ax: Any, task_name: str, task: Results, colors: dict[str, Any]) -> None:
+    """Train loss (solid, chunk means) and eval loss (dashed, dots) per optimizer."""
+    from matplotlib.lines import Line2D
+
+    for name, rec in task["results"].items():
+        curve = rec["curve"]
+        if not curve:
+            continue
+        ax.plot(curve["step"], curve["train_loss"], color=colors[name], label=name)
+        ax.plot(curve["eval_step"], curve["eval_loss"], "o--", color=colors[name], markersize=4)
+    styles = [
+        Line2D([], [], color="gray", label="train (chunk mean)"),
+        Line2D([], [], color="gray", ls="--", marker="o", markersize=4, label="eval (held out)"),
+    ]
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], *styles], fontsize=7)
+    ax.set(title=f"{task_name}: loss", xlabel="step", ylabel="cross-entropy")
+    ax.grid(alpha=0.3)
+
+
+def _plot_state_bars(
+    ax: Any, tasks: dict[str, Results], names: list[str], colors: dict[str, Any]
+) -> None:
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for j, task in enumerate(tasks.values()):
+            bpp = task["results"].get(name, {}).get("bytes_per_param")
+            if bpp is not None:
+                xs.append(j + (i - (len(names) - 1) / 2) * width)
+                ys.append(bpp)
+        bars = ax.bar(xs, ys, width, color=colors[name], label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(tasks)), list(tasks))
+    ax.set(title="optimizer state", ylabel="bytes / parameter")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)

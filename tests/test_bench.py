@@ -1,0 +1,212 @@
+"""Tests of ``python -m lowbit_optax.bench``: a real ``--quick`` run and its pure helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optax
+import pytest
+
+from lowbit_optax.bench import __main__ as cli
+from lowbit_optax.bench import registry
+from lowbit_optax.bench.timing import describe_error, medians_and_ratios, round_robin
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ("lm", "digits", "update")
+FIELDS = {
+    "status",
+    "state_bytes",
+    "num_params",
+    "bytes_per_param",
+    "update_ms",
+    "update_ratio",
+    "step_ms",
+    "step_ratio",
+    "peak_bytes",
+    "compiled_bytes",
+    "final_train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "curve",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output folder of one ``--quick`` run with every registered optimizer."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowbit_optax.bench", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(quick_run: Path) -> dict[str, Any]:
+    return json.loads((quick_run / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_quick_run_writes_three_files(quick_run: Path) -> None:
+    for name in ("results.json", "results.md", "results.png"):
+        assert (quick_run / name).stat().st_size > 0
+    assert (quick_run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_results_json_has_every_task_and_optimizer(results: dict[str, Any]) -> None:
+    assert results["meta"]["reference"] == registry.REFERENCE
+    assert set(results["tasks"]) == set(TASKS)
+    for task_name, task in results["tasks"].items():
+        assert list(task["results"]) == registry.names(), task_name
+        for name, rec in task["results"].items():
+            assert FIELDS <= set(rec), (task_name, name)
+            assert rec["status"] == "ok", (task_name, name, rec["status"])
+            assert rec["update_ms"] > 0
+            assert rec["bytes_per_param"] == rec["state_bytes"] / rec["num_params"]
+        assert task["results"][registry.REFERENCE]["update_ratio"] == 1.0
+
+
+@pytest.mark.slow
+def test_adamw_state_is_two_float32_moments_and_counts(results: dict[str, Any]) -> None:
+    for task_name, task in results["tasks"].items():
+        rec = task["results"]["adamw"]
+        n = rec["num_params"]
+        assert n == task["config"]["num_params"]
+        # mu and nu in float32 plus adam's int32 count; the training tasks' warmup-cosine
+        # schedule (optax.scale_by_schedule) keeps a second int32 count.
+        counts = 1 if task_name == "update" else 2
+        assert rec["state_bytes"] == 8 * n + 4 * counts
+        assert rec["bytes_per_param"] == pytest.approx(8.0, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_training_tasks_record_losses_and_curves(results: dict[str, Any]) -> None:
+    for task_name in ("lm", "digits"):
+        task = results["tasks"][task_name]
+        steps = task["config"]["steps"]
+        for rec in task["results"].values():
+            curve = rec["curve"]
+            assert curve["step"][-1] == steps and curve["eval_step"][-1] == steps
+            assert rec["final_train_loss"] == curve["train_loss"][-1]
+            assert rec["eval_loss"] == curve["eval_loss"][-1]
+            assert rec["step_ms"] > 0
+    assert 0.0 <= results["tasks"]["digits"]["results"]["adamw"]["eval_accuracy"] <= 1.0
+    assert results["tasks"]["lm"]["results"]["adamw"]["eval_accuracy"] is None
+    update = results["tasks"]["update"]["results"]["adamw"]
+    assert update["step_ms"] is None and update["eval_loss"] is None and update["curve"] is None
+
+
+@pytest.mark.slow
+def test_results_md_has_a_row_per_optimizer(quick_run: Path) -> None:
+    md = (quick_run / "results.md").read_text()
+    sections = md.split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == ["Summary", *TASKS]
+    summary = sections[0].splitlines()
+    for task in TASKS:
+        for name in registry.names():
+            assert sum(line.startswith(f"| {task} | {name} |") for line in summary) == 1
+    for section in sections[1:]:
+        for name in registry.names():
+            assert sum(line.startswith(f"| {name} |") for line in section.splitlines()) == 1
+    assert "python -m lowbit_optax.bench --quick" in md
+
+
+def test_medians_and_ratios_by_hand() -> None:
+    samples = {"adamw": [3.0, 1.0, 2.0], "slow": [8.0, 6.0, 4.0, 100.0], "none": []}
+    stats = medians_and_ratios(samples, "adamw")
+    assert stats["adamw"] == (2.0, 1.0)
+    assert stats["slow"] == (7.0, 3.5)  # median of an even count: mean of the middle two
+    assert stats["none"] == (None, None)
+    assert medians_and_ratios({"x": [1.0]}, "adamw") == {"x": (1.0, None)}
+
+
+def test_round_robin_interleaves_and_isolates_failures() -> None:
+    calls: list[str] = []
+
+    def sample(name: str, value: float) -> Any:
+        return lambda: calls.append(name) or value
+
+    def broken() -> float:
+        calls.append("broken")
+        raise RuntimeError("boom\nsecond line")
+
+    runs = {"a": sample("a", 1.0), "broken": broken, "b": sample("b", 2.0)}
+    samples, errors = round_robin(runs, rounds=3)
+    assert calls == ["a", "broken", "b", "a", "b", "a", "b"]
+    assert samples == {"a": [1.0, 1.0, 1.0], "broken": [], "b": [2.0, 2.0, 2.0]}
+    assert errors == {"broken": "error: RuntimeError: boom"}
+    assert describe_error(ValueError()) == "error: ValueError: "
+
+
+def test_cli_parses_lists_and_always_includes_the_reference() -> None:
+    args = cli.parse_args(["--task", "update,lm", "--task", "lm", "--optimizers", "galore"])
+    assert args.task == ["update", "lm"]
+    assert args.optimizers == [registry.REFERENCE, "galore"]
+    assert cli.parse_args([]).task == list(TASKS)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--optimizers", "adamw,nope"], "unknown optimizer 'nope'"),
+        (["--task", "lm,vision"], "unknown task(s) vision"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+    ],
+)
+def test_cli_rejects_bad_values(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def _failing_update() -> optax.GradientTransformation:
+    def update(updates: Any, state: Any, params: Any = None) -> Any:
+        raise ValueError("this optimizer cannot update")
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def test_failing_optimizers_are_recorded_not_fatal() -> None:
+    from lowbit_optax.bench import tasks
+
+    def bad_factory(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+        raise TypeError("bad factory")
+
+    optimizers = {
+        "adamw": registry.get("adamw").make,
+        "fails_update": lambda lr: _failing_update(),
+        "fails_factory": bad_factory,
+    }
+    out = tasks.UpdateTask().run(optimizers, tasks.Settings(quick=True))["results"]
+    assert out["adamw"]["status"] == "ok" and out["adamw"]["update_ratio"] == 1.0
+    assert out["fails_update"]["status"] == "error: ValueError: this optimizer cannot update"
+    assert out["fails_update"]["state_bytes"] == 0  # init succeeded before the failure
+    assert out["fails_factory"]["status"] == "error: TypeError: bad factory"
+    assert out["fails_factory"]["update_ms"] is None
+    assert math.isfinite(out["adamw"]["update_ms"])
+
+
+def test_missing_extras_give_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "tqdm" else real(name)
+    )
+    with pytest.raises(SystemExit) as exc:
+        cli.check_extras()
+    assert "needs tqdm" in str(exc.value.code)
+    assert "lowbit-optax[examples]" in str(exc.value.code)

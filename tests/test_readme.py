@@ -1,0 +1,40 @@
+"""The README's commands, example and results table stay true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    test_cmds = [b.strip() for b in _blocks("bash") if "pytest" in b]
+    assert len(test_cmds) == 1, test_cmds
+    ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_cmds[0] in ci_lines
+
+
+def test_readme_main_job_command_runs_the_benchmark():
+    assert any("python -m lowbit_optax.bench" in b for b in _blocks("bash"))
+
+
+def test_quick_example_runs(capsys):
+    (code,) = _blocks("python")
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "8.000 B/param" in out
+
+
+def test_results_table_in_sync_with_committed_benchmark():
+    block = README.split("<!-- results:begin -->")[1].split("<!-- results:end -->")[0]
+    rows = [ln for ln in block.splitlines() if ln.startswith("|")]
+    assert rows, "README has no results table between the results markers"
+    committed = (ROOT / "benchmarks" / "results.md").read_text().splitlines()
+    missing = [r for r in rows if r not in committed]
+    assert not missing, f"README rows not in benchmarks/results.md: {missing}"
