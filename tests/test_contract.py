@@ -39,6 +39,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import lowbit_optax
 from lowbit_optax import state_bytes
 
 # --------------------------------------------------------------------------------------
@@ -165,6 +166,93 @@ REGISTRY: list[Entry] = [
             "orbax": "galore keeps zero-size (0, 0) projector placeholders for non-2-D leaves, "
             "which orbax refuses to save ('Cannot save arrays with zero size')",
         },
+    ),
+]
+
+
+# ---- quantized EMA state (lowbit_optax.quantized) -----------------------------------
+
+
+def _quantized_adam_bytes(
+    params: Any, mu_bits: int, nu_bits: int, log_nu: bool, block: int = 128, min_size: int = 4096
+) -> int:
+    """int32 count + 2 x uint32 key; per leaf with >= min_size elements and rank >= 1:
+    codes at (mu_bits + nu_bits) per padded element, two float32 scales per block (three
+    with the log map's base); smaller leaves: float32 mu and sqrt(nu)."""
+    total = 4 + 8
+    for x in jax.tree.leaves(params):
+        if x.ndim >= 1 and x.size >= min_size:
+            rows, blocks = x.size // x.shape[-1], -(-x.shape[-1] // block)
+            total += rows * blocks * (block * (mu_bits + nu_bits) // 8 + 4 * (3 if log_nu else 2))
+        else:
+            total += 8 * x.size
+    return total
+
+
+def _scale_by_quantized_adam_lr(
+    learning_rate,
+    mu_bits=8,
+    nu_bits=8,
+    rounding="nearest",
+    scale_dtype="float32",
+    block_size=128,
+    min_size=4096,
+    key=0,
+):
+    """The bare transform, chained with a learning rate so the battery can drive it."""
+    return optax.chain(
+        lowbit_optax.scale_by_quantized_adam(
+            mu_bits=mu_bits,
+            nu_bits=nu_bits,
+            rounding=rounding,
+            scale_dtype=scale_dtype,
+            block_size=block_size,
+            min_size=min_size,
+            key=key,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+_QUANTIZED_STATIC = ("block_size", "min_size")
+
+REGISTRY += [
+    Entry(
+        name="adamw_8bit",
+        factory=lowbit_optax.adamw_8bit,
+        state_bytes=lambda p: _quantized_adam_bytes(p, 8, 8, log_nu=False),
+        static_args=_QUANTIZED_STATIC,
+    ),
+    Entry(
+        name="adamw_4bit",
+        factory=lowbit_optax.adamw_4bit,
+        state_bytes=lambda p: _quantized_adam_bytes(p, 4, 4, log_nu=False),
+        static_args=_QUANTIZED_STATIC,
+    ),
+    *(
+        Entry(
+            name=f"solo_adamw_{bits[0]}_{bits[1]}",
+            factory=lowbit_optax.solo_adamw,
+            kwargs=dict(bits=bits),
+            state_bytes=lambda p, bits=bits: _quantized_adam_bytes(p, *bits, log_nu=True),
+            static_args=(*_QUANTIZED_STATIC, "bits", "key"),
+            problem_learning_rate=1e-2,  # SOLO's low b1 (0.6-0.8) needs a smaller lr here
+        )
+        for bits in ((4, 2), (3, 3), (2, 2))
+    ),
+    Entry(
+        name="scale_by_quantized_adam_3bit_stochastic",
+        factory=_scale_by_quantized_adam_lr,
+        kwargs=dict(mu_bits=3, nu_bits=3, rounding="stochastic", scale_dtype="bfloat16"),
+        state_bytes=lambda p: (
+            _quantized_adam_bytes(p, 3, 3, log_nu=False)
+            - sum(
+                2 * 2 * (x.size // x.shape[-1]) * -(-x.shape[-1] // 128)
+                for x in jax.tree.leaves(p)
+                if x.size >= 4096
+            )
+        ),  # bfloat16 scales: 2 bytes less per scale
+        static_args=("mu_bits", "nu_bits", *_QUANTIZED_STATIC, "key"),
     ),
 ]
 
@@ -435,6 +523,8 @@ def fit_sharding(leaf: Any, param_sharding: NamedSharding) -> NamedSharding:
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         ways = math.prod(mesh.shape[a] for a in names)
         fitted.append(axes if ways > 1 and size % ways == 0 else None)
+    while fitted and fitted[-1] is None:  # P('data', None) -> P('data'): the canonical
+        fitted.pop()  # form XLA hands back, so the step's cache key does not change
     return NamedSharding(mesh, P(*fitted))
 
 
@@ -445,11 +535,16 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     mesh = jax.tree.leaves(params)[0].sharding.mesh
     return optax.tree_utils.tree_map_params(
         tx,
-        fit_sharding,
+        fit_sharding_or_empty,
         jax.eval_shape(tx.init, params),
         jax.tree.map(lambda p: p.sharding, params),
         transform_non_params=lambda _: NamedSharding(mesh, P()),
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
+
+
+def fit_sharding_or_empty(leaf: Any, param_sharding: NamedSharding) -> Any:
+    return leaf if isinstance(leaf, optax.MaskedNode) else fit_sharding(leaf, param_sharding)
 
 
 @pytest.mark.parametrize("entry", cases("sharded"))

@@ -1,0 +1,442 @@
+"""Pure array codecs for block-wise quantization. Knows nothing of optax.
+
+Level tables (sorted float32 numpy arrays in [-1, 1] or (0, 1]):
+
+* ``linear_levels(bits, signed, zero)``: evenly spaced levels.
+* ``dynamic_tree_levels(8, signed)``: bitsandbytes' 8-bit dynamic map.
+* ``dynamic_exponent_levels(bits, signed)``: the same construction at 2..8 bits (the
+  4-bit paper's "DE" tables; at 8 bits it equals the dynamic tree).
+
+A ``Codec`` (a frozen, hashable value: bits, level table or logarithmic, block size,
+rounding, scale dtype) quantizes an array block-wise along its last axis:
+
+* table codecs store per block of ``block_size`` values one absmax scale and, per value,
+  the index of a level (nearest, or stochastic between the two neighbouring levels with
+  probability proportional to the linear distance: unbiased);
+* the logarithmic codec (SOLO, unsigned) stores per block the max ``D`` and a base ``a``
+  from the block's ``quantile`` (10%): levels ``D * a**k``, k = 0 .. 2**bits - 1, no zero
+  level; rounding ``nearest`` (in the exponent), ``stochastic_log`` (exponent domain,
+  ``round(e + u)``, u ~ U[-0.5, 0.5)) or ``stochastic`` (unbiased, linear distance
+  between the two neighbouring levels).
+
+Codes are stored at their real bit width in ``uint8`` bytes, packed along the last axis
+(8-bit: one code a byte; 4-bit: two; 2-bit: four; 3-bit: eight codes in three bytes),
+so a ``(..., n)`` array becomes codes ``(..., ceil(n / B) * B * bits / 8)`` and scales
+``(..., ceil(n / B))``: the rank is kept, so sharding annotations carry over. A last
+axis that is not a multiple of the block is padded (by repeating its last value, which
+changes neither the absmax nor, much, the quantile) and the padding is dropped on decode.
+
+Scales are clamped below at the smallest normal float32 (not bitsandbytes' 1e-12, which
+would inflate the decoded magnitude of states below 1e-12, e.g. second moments of
+gradients below 1e-6); an all-zero block decodes to zeros (table codecs) or to
+``D * a**k`` with ``D`` the clamp (log codec: no exact zero exists).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Codec",
+    "QuantizedArray",
+    "dequantize",
+    "dynamic_exponent_levels",
+    "dynamic_tree_levels",
+    "decode_blocks",
+    "encode_blocks",
+    "from_blocks",
+    "linear_levels",
+    "pack",
+    "quantize",
+    "to_blocks",
+    "uniform_noise",
+    "unpack",
+]
+
+Rounding = Literal["nearest", "stochastic", "stochastic_log"]
+ROUNDINGS = ("nearest", "stochastic", "stochastic_log")
+PACKABLE_BITS = (1, 2, 3, 4, 8)
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+# ------------------------------------------------------------------------------------
+# Level tables
+# ------------------------------------------------------------------------------------
+
+
+def _check_bits(bits: int, allowed=range(1, 9)) -> None:
+    if not isinstance(bits, (int, np.integer)) or bits not in allowed:
+        raise ValueError(
+            f"bits must be an int in {list(allowed)}, got {bits!r}; pass e.g. bits=8, 4, 3 or 2"
+        )
+
+
+def linear_levels(bits: int, signed: bool, zero: bool = True) -> np.ndarray:
+    """Evenly spaced levels.
+
+    Args:
+      bits: code width; at most ``2**bits`` levels.
+      signed: levels in [-1, 1] (else [0, 1]).
+      zero: include an exact zero level. Signed with zero: the ``2**bits - 1``
+        symmetric levels ``k / (2**(bits-1) - 1)``; signed without zero:
+        ``linspace(-1, 1, 2**bits)`` (the map of SOLO's swamping analysis); unsigned
+        with zero: ``linspace(0, 1, 2**bits)``; unsigned without zero:
+        ``(k + 1) / 2**bits`` (the 4-bit paper's zero-point-free second-moment map).
+
+    Returns:
+      Sorted float32 array.
+    """
+    _check_bits(bits)
+    n = 2**bits
+    if signed and zero:
+        half = n // 2 - 1
+        if half == 0:
+            raise ValueError("a signed linear map with a zero level needs bits >= 2")
+        levels = np.arange(-half, half + 1) / half
+    elif signed:
+        levels = np.linspace(-1.0, 1.0, n)
+    elif zero:
+        levels = np.linspace(0.0, 1.0, n)
+    else:
+        levels = np.arange(1, n + 1) / n
+    return np.asarray(levels, np.float32)
+
+
+def _dynamic_map(signed: bool, exponent_bits: int, total_bits: int) -> np.ndarray:
+    """bitsandbytes' ``create_dynamic_map`` construction, in float32 arithmetic.
+
+    For exponent index i = 0 .. E-1: evenly spaced float32 boundaries on [0.1, 1]
+    (``2**(i + total_bits - 1 - E) + 1`` of them signed, twice the intervals unsigned),
+    their midpoints scaled by ``10**(i - (E - 1))``, negated copies when signed; then 0
+    and 1.
+    """
+    data: list[np.ndarray] = []
+    for i in range(exponent_bits):
+        n = 2 ** (i + total_bits - 1 - exponent_bits) * (1 if signed else 2) + 1
+        bounds = np.linspace(0.1, 1.0, n, dtype=np.float32)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scaled = np.float32(10.0 ** (i - (exponent_bits - 1))) * means
+        data.append(scaled)
+        if signed:
+            data.append(-scaled)
+    data.append(np.array([0.0, 1.0], np.float32))
+    levels = np.sort(np.concatenate(data).astype(np.float32))
+    assert len(levels) == 2**total_bits, (len(levels), total_bits)
+    return levels
+
+
+def dynamic_tree_levels(bits: int = 8, signed: bool = True) -> np.ndarray:
+    """bitsandbytes' 8-bit dynamic (tree) map, 256 sorted float32 levels.
+
+    Args:
+      bits: must be 8 (for other widths use ``dynamic_exponent_levels``).
+      signed: 254 signed values + 0 + 1, or 254 unsigned values + 0 + 1.
+    """
+    if bits != 8:
+        raise ValueError(
+            f"the dynamic tree map is 8-bit, got bits={bits!r}; use "
+            "dynamic_exponent_levels(bits, signed) for 2..7 bits"
+        )
+    return _dynamic_map(signed, exponent_bits=7, total_bits=8)
+
+
+def dynamic_exponent_levels(bits: int, signed: bool = True) -> np.ndarray:
+    """Dynamic-exponent map at ``bits`` (2..8): the dynamic construction with
+    ``bits - 1`` exponent levels. 4-bit signed: 0, ±0.0055, ±0.0325, ±0.0775, ±0.2125,
+    ±0.4375, ±0.6625, ±0.8875, 1; 3-bit: 0, ±0.055, ±0.325, ±0.775, 1; 2-bit: 0, ±0.55, 1.
+    """
+    _check_bits(bits, range(2, 9))
+    return _dynamic_map(signed, exponent_bits=bits - 1, total_bits=bits)
+
+
+# ------------------------------------------------------------------------------------
+# Bit packing along the last axis
+# ------------------------------------------------------------------------------------
+
+
+def pack(codes: jax.Array, bits: int) -> jax.Array:
+    """Packs integer codes in [0, 2**bits) along the last axis into uint8 bytes.
+
+    The last axis length times ``bits`` must be a multiple of 8 (3-bit: of 24).
+    """
+    _check_bits(bits, PACKABLE_BITS)
+    codes = codes.astype(jnp.uint8)
+    if bits == 8:
+        return codes
+    n = codes.shape[-1]
+    group = 8 if bits == 3 else 8 // bits  # codes per packing group
+    if n % group:
+        raise ValueError(f"last axis {n} is not a multiple of {group} for {bits}-bit packing")
+    c = codes.reshape(*codes.shape[:-1], n // group, group).astype(jnp.uint32)
+    shifts = jnp.arange(group, dtype=jnp.uint32) * bits
+    word = jnp.sum(c << shifts, axis=-1, dtype=jnp.uint32)
+    if bits == 3:  # 24-bit word -> 3 bytes
+        word = jnp.stack([(word >> (8 * k)) & 0xFF for k in range(3)], axis=-1)
+    return word.astype(jnp.uint8).reshape(*codes.shape[:-1], n * bits // 8)
+
+
+def unpack(packed: jax.Array, bits: int) -> jax.Array:
+    """Inverse of ``pack``: uint8 bytes -> uint8 codes, ``8 / bits`` times longer."""
+    _check_bits(bits, PACKABLE_BITS)
+    if bits == 8:
+        return packed
+    lead, nbytes = packed.shape[:-1], packed.shape[-1]
+    mask = jnp.uint32(2**bits - 1)
+    if bits == 3:
+        b = packed.reshape(*lead, nbytes // 3, 3).astype(jnp.uint32)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        group = 8
+    else:
+        word = packed.astype(jnp.uint32)
+        group = 8 // bits
+    shifts = jnp.arange(group, dtype=jnp.uint32) * bits
+    codes = (word[..., None] >> shifts) & mask
+    return codes.astype(jnp.uint8).reshape(*lead, -1)
+
+
+# ------------------------------------------------------------------------------------
+# Codec
+# ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """Static description of a block-wise quantizer (hashable: usable as jit static).
+
+    Attributes:
+      bits: code width (1, 2, 3, 4 or 8).
+      levels: sorted level table (tuple of floats, at most ``2**bits`` entries), or
+        ``None`` for SOLO's logarithmic unsigned quantizer.
+      block_size: values per block along the last axis (a multiple of 8).
+      rounding: ``nearest``, ``stochastic`` (unbiased, linear distance between the two
+        neighbouring levels) or ``stochastic_log`` (log codec only: in the exponent).
+      scale_dtype: dtype name of the per-block scales (``float32`` or ``bfloat16``).
+      quantile: log codec only, the block quantile that sets the smallest level.
+    """
+
+    bits: int
+    levels: tuple[float, ...] | None = None
+    block_size: int = 128
+    rounding: Rounding = "nearest"
+    scale_dtype: str = "float32"
+    quantile: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, PACKABLE_BITS)
+        if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size % 8:
+            raise ValueError(
+                f"block_size must be a positive multiple of 8, got {self.block_size!r}"
+            )
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.levels is None:
+            if not 0.0 < self.quantile < 1.0:
+                raise ValueError(f"quantile must be in (0, 1), got {self.quantile!r}")
+        else:
+            lv = np.asarray(self.levels, np.float64)
+            if lv.ndim != 1 or not 2 <= len(lv) <= 2**self.bits:
+                raise ValueError(
+                    f"a {self.bits}-bit codec needs 2..{2**self.bits} levels, got {len(lv)}"
+                )
+            if np.any(np.diff(lv) <= 0) or lv[0] < -1 or lv[-1] > 1:
+                raise ValueError("levels must be strictly increasing within [-1, 1]")
+            if self.rounding == "stochastic_log":
+                raise ValueError(
+                    "rounding='stochastic_log' rounds in the exponent and needs the "
+                    "logarithmic codec (levels=None); use 'stochastic' for a level table"
+                )
+        if self.scale_dtype not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"scale_dtype must be 'float32' or 'bfloat16', got {self.scale_dtype!r}"
+            )
+
+    @property
+    def is_log(self) -> bool:
+        return self.levels is None
+
+    @property
+    def signed(self) -> bool:
+        return self.levels is not None and self.levels[0] < 0
+
+    def num_blocks(self, n: int) -> int:
+        return -(-n // self.block_size)
+
+    def abstract(self, shape: tuple[int, ...]) -> QuantizedArray:
+        """Shapes and dtypes of ``quantize`` of an array of ``shape``, without values."""
+        shape = tuple(shape)
+        if not shape:
+            raise ValueError("cannot quantize a scalar block-wise; keep it in float32")
+        nb = self.num_blocks(shape[-1])
+        lead = shape[:-1]
+        scale = jax.ShapeDtypeStruct((*lead, nb), jnp.dtype(self.scale_dtype))
+        return QuantizedArray(
+            codes=jax.ShapeDtypeStruct((*lead, nb * self.block_size * self.bits // 8), jnp.uint8),
+            scales=scale,
+            bases=scale if self.is_log else None,
+            codec=self,
+            shape=shape,
+        )
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scales", "bases"],
+    meta_fields=["codec", "shape"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """A block-wise quantized array: packed codes, per-block scales (and log bases).
+
+    A pytree whose leaves are ``codes`` (uint8, packed), ``scales`` and, for the log
+    codec, ``bases``; ``codec`` and the original ``shape`` are static.
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    bases: jax.Array | None
+    codec: Codec
+    shape: tuple[int, ...]
+
+
+def to_blocks(x: jax.Array, block: int) -> jax.Array:
+    """(..., n) -> (..., ceil(n / block), block), padding the tail by repeating the last
+    value (keeps the block's absmax and, nearly, its quantile)."""
+    n = x.shape[-1]
+    pad = (-n) % block
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], mode="edge")
+    return x.reshape(*x.shape[:-1], (n + pad) // block, block)
+
+
+def from_blocks(xb: jax.Array, n: int) -> jax.Array:
+    """Inverse of ``to_blocks`` for a last axis of length ``n``."""
+    return xb.reshape(*xb.shape[:-2], -1)[..., :n]
+
+
+def _search_method(levels: jax.Array) -> str:
+    return "compare_all" if levels.shape[0] <= 16 else "scan"
+
+
+def _nearest_table(y: jax.Array, levels: jax.Array) -> jax.Array:
+    mids = (levels[1:] + levels[:-1]) / 2
+    return jnp.searchsorted(mids, y, side="left", method=_search_method(levels))
+
+
+def _stochastic_table(y: jax.Array, levels: jax.Array, u: jax.Array) -> jax.Array:
+    """Index below y (clipped to the table) plus a Bernoulli step up: unbiased inside."""
+    below = jnp.searchsorted(levels, y, side="right", method=_search_method(levels)) - 1
+    lo = jnp.clip(below, 0, levels.shape[0] - 2)
+    l0, l1 = levels[lo], levels[lo + 1]
+    p = jnp.clip((y - l0) / (l1 - l0), 0.0, 1.0)
+    return lo + (u < p).astype(lo.dtype)
+
+
+def _block_quantile(xb: jax.Array, q: float) -> jax.Array:
+    """Lower empirical quantile of each block (sort-based, exact), keepdims."""
+    k = math.floor(q * (xb.shape[-1] - 1))
+    return jnp.sort(xb, axis=-1)[..., k : k + 1]
+
+
+def uniform_noise(codec: Codec, key: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+    """U[0, 1) noise for stochastic rounding (``None`` for nearest rounding)."""
+    if codec.rounding == "nearest":
+        return None
+    if key is None:
+        raise ValueError(f"rounding={codec.rounding!r} needs a PRNG key; pass key=...")
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    return jax.random.uniform(key, shape, jnp.float32)
+
+
+def encode_blocks(
+    xb: jax.Array, codec: Codec, u: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Codes (unpacked uint8), scale and base of float32 blocks ``(..., nb, B)``.
+
+    The scale (and base) come back keepdims ``(..., nb, 1)`` as float32 values already
+    rounded to ``codec.scale_dtype``, so ``decode_blocks`` inverts exactly what was used.
+    ``u`` is U[0, 1) noise of ``xb``'s shape for stochastic rounding.
+    """
+    sdt = jnp.dtype(codec.scale_dtype)
+    as_stored = lambda a: a.astype(sdt).astype(jnp.float32)
+    if codec.is_log:
+        top = 2**codec.bits - 1
+        xpos = jnp.maximum(xb, 0.0)
+        d = as_stored(jnp.maximum(jnp.max(xpos, axis=-1, keepdims=True), _TINY))
+        ratio = jnp.clip(_block_quantile(xpos, codec.quantile) / d, _TINY, 1.0)
+        base = as_stored(ratio ** (1.0 / top))
+        log_a = jnp.log(base)
+        # Exponent of x in base a; a == 1 (a constant block) maps every value to level 0.
+        safe_log_a = jnp.where(log_a < 0, log_a, -1.0)
+        e = jnp.where(log_a < 0, jnp.log(xpos / d) / safe_log_a, 0.0)
+        e = jnp.nan_to_num(e, nan=float(top), posinf=float(top), neginf=0.0)
+        if codec.rounding == "nearest":
+            k = jnp.round(e)
+        elif codec.rounding == "stochastic_log":
+            k = jnp.floor(e + u)  # == round(e + u') with u' ~ U[-0.5, 0.5)
+        else:  # unbiased: between the neighbouring levels, by linear distance
+            k0 = jnp.clip(jnp.floor(e), 0, top - 1)
+            upper, lower = base**k0, base ** (k0 + 1)  # level k0 lies above level k0 + 1
+            p_lower = jnp.clip((upper - xpos / d) / (upper - lower), 0.0, 1.0)
+            k = k0 + (u < p_lower)
+        return jnp.clip(k, 0, top).astype(jnp.uint8), d, base
+    levels = jnp.asarray(codec.levels, jnp.float32)
+    scale = as_stored(jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), _TINY))
+    y = xb / scale
+    if codec.rounding == "nearest":
+        codes = _nearest_table(y, levels)
+    else:
+        codes = _stochastic_table(y, levels, u)
+    return codes.astype(jnp.uint8), scale, None
+
+
+def decode_blocks(
+    codes: jax.Array, scale: jax.Array | float, base: jax.Array | None, codec: Codec
+) -> jax.Array:
+    """Float32 blocks from unpacked codes and keepdims scale (and base)."""
+    if codec.is_log:
+        return scale * base ** codes.astype(jnp.float32)
+    return jnp.asarray(codec.levels, jnp.float32)[codes] * scale
+
+
+def quantize(x: jax.Array, codec: Codec, key: jax.Array | None = None) -> QuantizedArray:
+    """Block-wise quantization of ``x`` along its last axis.
+
+    Args:
+      x: array of rank >= 1 (computed in float32). The log codec expects x >= 0.
+      codec: the quantizer.
+      key: PRNG key (typed or raw ``uint32`` key data), required for stochastic rounding.
+
+    Returns:
+      A ``QuantizedArray``; ``dequantize`` gives back an array of ``x.shape``.
+    """
+    if x.ndim == 0:
+        raise ValueError("cannot quantize a scalar block-wise; keep it in float32")
+    xb = to_blocks(x.astype(jnp.float32), codec.block_size)
+    u = uniform_noise(codec, key, xb.shape)
+    codes, scale, base = encode_blocks(xb, codec, u)
+    sdt = jnp.dtype(codec.scale_dtype)
+    return QuantizedArray(
+        codes=pack(codes, codec.bits).reshape(*x.shape[:-1], -1),
+        scales=scale[..., 0].astype(sdt),
+        bases=None if base is None else base[..., 0].astype(sdt),
+        codec=codec,
+        shape=tuple(x.shape),
+    )
+
+
+def dequantize(q: QuantizedArray) -> jax.Array:
+    """Float32 array of ``q.shape`` from a ``QuantizedArray``."""
+    codec = q.codec
+    lead, n = q.shape[:-1], q.shape[-1]
+    codes = unpack(q.codes.reshape(*lead, codec.num_blocks(n), -1), codec.bits)
+    base = None if q.bases is None else q.bases.astype(jnp.float32)[..., None]
+    values = decode_blocks(codes, q.scales.astype(jnp.float32)[..., None], base, codec)
+    return from_blocks(values, n)
