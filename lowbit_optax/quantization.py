@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,7 @@ __all__ = [
     "linear_levels",
     "pack",
     "quantize",
+    "round_to_table",
     "to_blocks",
     "uniform_noise",
     "unpack",
@@ -338,6 +339,26 @@ def _stochastic_table(y: jax.Array, levels: jax.Array, u: jax.Array) -> jax.Arra
     return lo + (u < p).astype(lo.dtype)
 
 
+def round_to_table(
+    y: jax.Array, levels: Any, rounding: Rounding = "nearest", u: jax.Array | None = None
+) -> jax.Array:
+    """Indices of ``levels`` for already-normalised values ``y`` (no block scale).
+
+    ``nearest``: the closest level; ``stochastic``: one of the two neighbouring levels
+    with probability proportional to linear distance (unbiased inside the table), using
+    U[0, 1) noise ``u``. Used with a fixed scale, e.g. to study signal swamping.
+    """
+    levels = jnp.asarray(levels, jnp.float32)
+    if rounding == "nearest":
+        return _nearest_table(y, levels)
+    if rounding != "stochastic" or u is None:
+        raise ValueError(
+            f"round_to_table takes rounding 'nearest', or 'stochastic' with noise u; "
+            f"got {rounding!r} (u given: {u is not None})"
+        )
+    return _stochastic_table(y, levels, u)
+
+
 def _block_quantile(xb: jax.Array, q: float) -> jax.Array:
     """Lower empirical quantile of each block (sort-based, exact), keepdims."""
     k = math.floor(q * (xb.shape[-1] - 1))
@@ -390,11 +411,7 @@ def encode_blocks(
     levels = jnp.asarray(codec.levels, jnp.float32)
     scale = as_stored(jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), _TINY))
     y = xb / scale
-    if codec.rounding == "nearest":
-        codes = _nearest_table(y, levels)
-    else:
-        codes = _stochastic_table(y, levels, u)
-    return codes.astype(jnp.uint8), scale, None
+    return round_to_table(y, levels, codec.rounding, u).astype(jnp.uint8), scale, None
 
 
 def decode_blocks(

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import optax
 
+import lowbit_optax
+
 Factory = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
 
 REFERENCE = "adamw"
@@ -70,4 +72,33 @@ register(
     lambda lr: optax.contrib.galore(lr, rank=64, update_proj_gap=200, weight_decay=WEIGHT_DECAY),
     "optax.contrib.galore (rank 64, SVD every 200 steps)",
     baseline=True,
+)
+
+# ---- quantized EMA state ---------------------------------------------------------------
+register(
+    "adamw_8bit",
+    lambda lr: lowbit_optax.adamw_8bit(lr, weight_decay=WEIGHT_DECAY),
+    "lowbit_optax.adamw_8bit (8-bit dynamic-tree moments, blocks of 128)",
+)
+register(
+    "adamw_4bit",
+    lambda lr: lowbit_optax.adamw_4bit(lr, weight_decay=WEIGHT_DECAY),
+    "lowbit_optax.adamw_4bit (4-bit DE first moment, zero-free linear second moment)",
+)
+for _bits in ((4, 2), (3, 3), (2, 2)):
+    register(
+        f"solo_adamw_{_bits[0]}_{_bits[1]}",
+        lambda lr, bits=_bits: lowbit_optax.solo_adamw(lr, weight_decay=WEIGHT_DECAY, bits=bits),
+        f"lowbit_optax.solo_adamw(bits={_bits}) (SOLO: log second moment, "
+        f"b1={lowbit_optax.quantized.SOLO_B1[_bits[0]]})",
+    )
+register(
+    "adamw_2bit_plain",
+    lambda lr: optax.chain(
+        lowbit_optax.scale_by_quantized_adam(mu_bits=2, nu_bits=2),
+        optax.add_decayed_weights(WEIGHT_DECAY),
+        optax.scale_by_learning_rate(lr),
+    ),
+    "plain 2-bit Adam for contrast (2-bit DE mu, zero-free linear nu, b1=0.9, nearest; "
+    "no SOLO remedies)",
 )
