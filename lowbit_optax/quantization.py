@@ -220,6 +220,9 @@ class Codec:
         neighbouring levels) or ``stochastic_log`` (log codec only: in the exponent).
       scale_dtype: dtype name of the per-block scales (``float32`` or ``bfloat16``).
       quantile: log codec only, the block quantile that sets the smallest level.
+      quantile_sample: log codec only; 0 computes the quantile over the whole block
+        (exact, a sort per block), ``k`` over every ``block_size // k``-th value (an
+        estimate, ~16x cheaper at k = 16 on a 128 block).
     """
 
     bits: int
@@ -228,6 +231,7 @@ class Codec:
     rounding: Rounding = "nearest"
     scale_dtype: str = "float32"
     quantile: float = 0.1
+    quantile_sample: int = 0
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, PACKABLE_BITS)
@@ -240,6 +244,12 @@ class Codec:
         if self.levels is None:
             if not 0.0 < self.quantile < 1.0:
                 raise ValueError(f"quantile must be in (0, 1), got {self.quantile!r}")
+            s = self.quantile_sample
+            if not isinstance(s, int) or s < 0 or (s and (s < 2 or self.block_size % s)):
+                raise ValueError(
+                    f"quantile_sample must be 0 (whole block) or a divisor >= 2 of "
+                    f"block_size {self.block_size}, got {s!r}"
+                )
         else:
             lv = np.asarray(self.levels, np.float64)
             if lv.ndim != 1 or not 2 <= len(lv) <= 2**self.bits:
@@ -322,7 +332,9 @@ def from_blocks(xb: jax.Array, n: int) -> jax.Array:
 
 
 def _search_method(levels: jax.Array) -> str:
-    return "compare_all" if levels.shape[0] <= 16 else "scan"
+    # Measured on XLA CPU (4M values): 16 levels compare_all 7 ms, scan_unrolled 14 ms;
+    # 256 levels scan_unrolled 83 ms, scan 184 ms, compare_all 2.9 s.
+    return "compare_all" if levels.shape[0] <= 16 else "scan_unrolled"
 
 
 def _nearest_table(y: jax.Array, levels: jax.Array) -> jax.Array:
@@ -359,8 +371,12 @@ def round_to_table(
     return _stochastic_table(y, levels, u)
 
 
-def _block_quantile(xb: jax.Array, q: float) -> jax.Array:
-    """Lower empirical quantile of each block (sort-based, exact), keepdims."""
+def _block_quantile(xb: jax.Array, q: float, sample: int) -> jax.Array:
+    """Lower empirical quantile of each block, keepdims: exact (sort of the whole block)
+    when ``sample`` is 0, else of an evenly strided subsample of ``sample`` values
+    (measured on XLA CPU: sorting blocks of 128 took 550 ms per 4M values, of 16 34 ms)."""
+    if sample:
+        xb = xb[..., :: xb.shape[-1] // sample]
     k = math.floor(q * (xb.shape[-1] - 1))
     return jnp.sort(xb, axis=-1)[..., k : k + 1]
 
@@ -391,7 +407,8 @@ def encode_blocks(
         top = 2**codec.bits - 1
         xpos = jnp.maximum(xb, 0.0)
         d = as_stored(jnp.maximum(jnp.max(xpos, axis=-1, keepdims=True), _TINY))
-        ratio = jnp.clip(_block_quantile(xpos, codec.quantile) / d, _TINY, 1.0)
+        xq = _block_quantile(xpos, codec.quantile, codec.quantile_sample)
+        ratio = jnp.clip(xq / d, _TINY, 1.0)
         base = as_stored(ratio ** (1.0 / top))
         log_a = jnp.log(base)
         # Exponent of x in base a; a == 1 (a constant block) maps every value to level 0.

@@ -75,6 +75,7 @@ def make_codec(
     block_size: int = 128,
     rounding: str = "nearest",
     scale_dtype: str = "float32",
+    quantile_sample: int = 0,
 ) -> qz.Codec:
     """A codec from a map name (``dynamic``, ``linear``, ``linear_zero_free``, ``log``),
     a level table, or a ready ``Codec`` (returned as is).
@@ -94,7 +95,9 @@ def make_codec(
                     "the logarithmic map is unsigned (second moment only); "
                     "use 'dynamic' or 'linear' for the first moment"
                 )
-            return qz.Codec(bits, None, block_size, rounding, scale_dtype)
+            return qz.Codec(
+                bits, None, block_size, rounding, scale_dtype, quantile_sample=quantile_sample
+            )
         if kind == "dynamic":
             levels = qz.dynamic_exponent_levels(bits, signed)
         elif kind == "linear":
@@ -125,6 +128,7 @@ def scale_by_quantized_adam(
     block_size: int = 128,
     rounding: str | tuple[str, str] = "nearest",
     scale_dtype: str = "float32",
+    quantile_sample: int = 0,
     min_size: int = 4096,
     key: int = 0,
 ) -> optax.GradientTransformation:
@@ -143,6 +147,8 @@ def scale_by_quantized_adam(
       rounding: ``nearest``, ``stochastic`` or ``stochastic_log`` (log map only); one
         name for both moments or a ``(mu, nu)`` pair.
       scale_dtype: ``float32`` or ``bfloat16`` per-block scales.
+      quantile_sample: log map only: 0 takes each block's 10% quantile exactly (a sort
+        of the block), ``k`` estimates it from every ``block_size // k``-th value.
       min_size: leaves with fewer elements (from the global shape), and scalars, stay
         float32.
       key: seed of the stochastic-rounding key stored in the state.
@@ -188,6 +194,7 @@ def scale_by_quantized_adam(
         block_size=block_size,
         rounding=nu_round,
         scale_dtype=scale_dtype,
+        quantile_sample=quantile_sample,
     )
     if nu_codec.signed:
         raise ValueError("nu_map must be an unsigned table (levels >= 0) or the log map")
@@ -202,9 +209,9 @@ def scale_by_quantized_adam(
 
     def init_fn(params: optax.Params) -> ScaleByQuantizedAdamState:
         def leaf(p):
-            if not quantized(p):
-                z = jnp.zeros(p.shape, jnp.float32)
-                return z, optax.MaskedNode(), z, optax.MaskedNode(), optax.MaskedNode()
+            if not quantized(p):  # two distinct buffers: both may be donated
+                mu, nu = jnp.zeros(p.shape, jnp.float32), jnp.zeros(p.shape, jnp.float32)
+                return mu, optax.MaskedNode(), nu, optax.MaskedNode(), optax.MaskedNode()
             mq, nq = mu_codec.abstract(p.shape), nu_codec.abstract(p.shape)
             zeros = lambda a: jnp.zeros(a.shape, a.dtype)
             return (
@@ -436,6 +443,7 @@ def solo_adamw(
     *,
     bits: tuple[int, int] = (4, 2),
     block_size: int = 128,
+    quantile_sample: int = 16,
     min_size: int = 4096,
     key: int = 0,
 ) -> optax.GradientTransformation:
@@ -446,6 +454,9 @@ def solo_adamw(
     SOLO's logarithmic unsigned quantizer at ``bits[1]`` (per block max ``D`` and base
     from the block's 10% quantile, no zero level) with stochastic rounding in the
     exponent. ``bits`` in (4, 2), (3, 3), (2, 2); 3-bit codes are packed in real 3 bits.
+    **Decision:** the 10% quantile is estimated from a strided subsample of
+    ``quantile_sample`` = 16 values per block (an exact per-block sort made the update
+    ~90x optax.adamw on CPU); ``quantile_sample=0`` computes it exactly.
     Bytes/param on large tensors: (4, 2) 0.84, (3, 3) 0.84, (2, 2) 0.59.
 
     References:
@@ -467,6 +478,7 @@ def solo_adamw(
             nu_map="log",
             rounding=("nearest", "stochastic_log"),
             block_size=block_size,
+            quantile_sample=quantile_sample,
             min_size=min_size,
             key=key,
         ),

@@ -268,6 +268,17 @@ def test_log_codec_matches_float64_reference():
     assert np.all(got > 0), "the log codec has no zero level"
 
 
+def test_log_codec_subsampled_quantile_matches_reference():
+    rng = np.random.default_rng(5)
+    v = (rng.standard_normal((4, 256)) ** 2).astype(np.float32)
+    q = quantize(jnp.asarray(v), Codec(2, None, quantile_sample=16))
+    vb = v.astype(np.float64).reshape(4, 2, 128)
+    xq = np.sort(vb[..., ::8], -1)[..., 1]  # floor(0.1 * 15) = 1: second smallest of 16
+    np.testing.assert_allclose(q.bases, (xq / vb.max(-1)) ** (1 / 3), rtol=1e-5)
+    with pytest.raises(ValueError, match="quantile_sample"):
+        Codec(2, None, quantile_sample=24)
+
+
 @pytest.mark.parametrize("rounding", ["stochastic", "stochastic_log"])
 def test_log_codec_stochastic_bias(rounding):
     # Values strictly between levels 1 and 0.1 (base 0.1 as in the worked example).

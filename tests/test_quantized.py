@@ -161,15 +161,18 @@ def test_synthetic_experiment_linear_and_de_freeze_solo_tracks():
     assert _synthetic(de) > 0.95
     solo = _synthetic(qz.Codec(2, None, rounding="stochastic_log"))
     unbiased = _synthetic(qz.Codec(2, None, rounding="stochastic"))
+    sampled = _synthetic(qz.Codec(2, None, rounding="stochastic_log", quantile_sample=16))
     assert abs(solo - 0.5) < 0.06, solo
     assert abs(unbiased - 0.5) < 0.06, unbiased
+    assert abs(sampled - 0.5) < 0.06, sampled  # the solo_adamw default estimate
 
 
 def test_solo_defaults_and_validation():
     assert SOLO_B1 == {4: 0.8, 3: 0.7, 2: 0.6}
     params = {"w": jnp.zeros((64, 128))}
     hp = optax.inject_hyperparams(
-        lowbit_optax.solo_adamw, static_args=("bits", "block_size", "min_size", "key")
+        lowbit_optax.solo_adamw,
+        static_args=("bits", "block_size", "min_size", "key", "quantile_sample"),
     )
     for bits in ((4, 2), (3, 3), (2, 2)):
         s = lowbit_optax.solo_adamw(1e-3, bits=bits).init(params)
