@@ -16,6 +16,10 @@ The second moment is stored in units that cannot overflow: per block, the stored
 overflows above ~1.8e19 and ``optax.adamw`` stores ``inf``) keep a finite state. Leaves
 kept in float32 (fewer than ``min_size`` elements, or scalars) store ``mu`` and
 ``sqrt(nu)`` the same way (an RMS update ``s * sqrt(b2 (w/s)**2 + (1-b2) (g/s)**2)``).
+
+Non-finite gradients: a NaN or inf entry makes its whole block's scale non-finite (as
+``optax.adamw`` makes that entry's moments non-finite). Wrap the optimizer in
+``optax.apply_if_finite`` to skip such steps; the state is then left untouched (tested).
 """
 
 from __future__ import annotations
@@ -238,36 +242,18 @@ def scale_by_quantized_adam(
         bc1 = 1.0 - jnp.asarray(b1, jnp.float32) ** t
         bc2 = 1.0 - jnp.asarray(b2, jnp.float32) ** t
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), count)
-        b1f, b2f, epsf = (jnp.asarray(x, jnp.float32) for x in (b1, b2, eps))
+        hp = _Hyper(*(jnp.asarray(x, jnp.float32) for x in (b1, b2, eps)), bc1, bc2)
 
         leaves, treedef = jax.tree.flatten(updates)
         per_field = [treedef.flatten_up_to(f) for f in state[2:]]
         out = []
         for i, g in enumerate(leaves):
-            mc, ms, nc, ns, nb = (f[i] for f in per_field)
-            if isinstance(ms, optax.MaskedNode):
-                out.append(_float_leaf(g, mc, nc, b1f, b2f, epsf, bc1, bc2))
+            moments = [f[i] for f in per_field]
+            if isinstance(moments[1], optax.MaskedNode):
+                out.append(_float_leaf(g, moments[0], moments[2], hp))
             else:
-                k_mu, k_nu = _leaf_key(step_key, i)
-                out.append(
-                    _quantized_leaf(
-                        g,
-                        mc,
-                        ms,
-                        nc,
-                        ns,
-                        nb,
-                        k_mu,
-                        k_nu,
-                        mu_codec,
-                        nu_codec,
-                        b1f,
-                        b2f,
-                        epsf,
-                        bc1,
-                        bc2,
-                    )
-                )
+                keys = _leaf_key(step_key, i)
+                out.append(_quantized_leaf(g, *moments, keys, mu_codec, nu_codec, hp))
         new = [treedef.unflatten([o[j] for o in out]) for j in range(6)]
         return new[0], ScaleByQuantizedAdamState(count, state.key, *new[1:])
 
@@ -280,8 +266,19 @@ def _transpose(params: Any, tree_of_tuples: Any, n: int) -> list[Any]:
     return [treedef.unflatten([t[j] for t in flat]) for j in range(n)]
 
 
-def _float_leaf(g, mu, w, b1, b2, eps, bc1, bc2):
+class _Hyper(NamedTuple):
+    """Float32 hyperparameters and this step's bias corrections."""
+
+    b1: jax.Array
+    b2: jax.Array
+    eps: jax.Array
+    bc1: jax.Array
+    bc2: jax.Array
+
+
+def _float_leaf(g, mu, w, hp: _Hyper):
     """Adam on a float32 leaf storing ``mu`` and ``w = sqrt(nu)`` (overflow-free)."""
+    b1, b2, eps, bc1, bc2 = hp
     g32 = g.astype(jnp.float32)
     mu = b1 * mu + (1 - b1) * g32
     s = jnp.maximum(w, jnp.abs(g32))
@@ -291,10 +288,10 @@ def _float_leaf(g, mu, w, b1, b2, eps, bc1, bc2):
     return u.astype(g.dtype), mu, optax.MaskedNode(), w, optax.MaskedNode(), optax.MaskedNode()
 
 
-def _quantized_leaf(
-    g, mu_c, mu_s, nu_c, nu_s, nu_b, k_mu, k_nu, mu_codec, nu_codec, b1, b2, eps, bc1, bc2
-):
+def _quantized_leaf(g, mu_c, mu_s, nu_c, nu_s, nu_b, keys, mu_codec, nu_codec, hp: _Hyper):
     """One quantized leaf, in block view ``(..., nb, B)``; see the module docstring."""
+    b1, b2, eps, bc1, bc2 = hp
+    k_mu, k_nu = keys
     n, block = g.shape[-1], mu_codec.block_size
     lead = g.shape[:-1]
     gb = qz.to_blocks(g.astype(jnp.float32), block)

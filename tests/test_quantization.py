@@ -101,7 +101,7 @@ def test_bad_config_is_rejected_with_a_clear_error(call):
 # ------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(bits=st.sampled_from([1, 2, 3, 4, 8]), groups=st.integers(1, 6), rows=st.integers(1, 3))
 def test_pack_roundtrip_and_size(bits, groups, rows):
     n = 8 * groups
