@@ -56,6 +56,7 @@ CHECKS = (
     "state_structure",
     "init_abstract",
     "sharded",
+    "sharded_explicit",
     "nnx",
     "nnx_sharded",
     "orbax",
@@ -163,6 +164,8 @@ REGISTRY: list[Entry] = [
         xfail={
             "init_abstract": "galore's init reshapes the param value (calls .transpose) "
             "instead of reading shape and dtype only",
+            "sharded_explicit": "galore's SVD needs its input unsharded on non-batch dims "
+            "(ShardingTypeError on an Explicit mesh)",
             "orbax": "galore keeps zero-size (0, 0) projector placeholders for non-2-D leaves, "
             "which orbax refuses to save ('Cannot save arrays with zero size')",
         },
@@ -215,6 +218,12 @@ def _scale_by_quantized_adam_lr(
 
 
 _QUANTIZED_STATIC = ("block_size", "min_size")
+_QUANTIZED_XFAIL = {
+    "sharded_explicit": "blocks of 128 along a last axis split 4 ways (64 -> 16 per shard) "
+    "span shards; on an Explicit mesh the block reshape/padding raises ShardingTypeError "
+    "(works on Auto meshes, test_sharded). To fix: run the block math under "
+    "jax.sharding.auto_axes or use shard-local blocks",
+}
 
 REGISTRY += [
     Entry(
@@ -222,12 +231,14 @@ REGISTRY += [
         factory=lowbit_optax.adamw_8bit,
         state_bytes=lambda p: _quantized_adam_bytes(p, 8, 8, log_nu=False),
         static_args=_QUANTIZED_STATIC,
+        xfail=_QUANTIZED_XFAIL,
     ),
     Entry(
         name="adamw_4bit",
         factory=lowbit_optax.adamw_4bit,
         state_bytes=lambda p: _quantized_adam_bytes(p, 4, 4, log_nu=False),
         static_args=_QUANTIZED_STATIC,
+        xfail=_QUANTIZED_XFAIL,
     ),
     *(
         Entry(
@@ -237,6 +248,7 @@ REGISTRY += [
             state_bytes=lambda p, bits=bits: _quantized_adam_bytes(p, *bits, log_nu=True),
             static_args=(*_QUANTIZED_STATIC, "bits", "key", "quantile_sample"),
             problem_learning_rate=1e-2,  # SOLO's low b1 (0.6-0.8) needs a smaller lr here
+            xfail=_QUANTIZED_XFAIL,
         )
         for bits in ((4, 2), (3, 3), (2, 2))
     ),
@@ -253,6 +265,7 @@ REGISTRY += [
             )
         ),  # bfloat16 scales: 2 bytes less per scale
         static_args=("mu_bits", "nu_bits", *_QUANTIZED_STATIC, "key"),
+        xfail=_QUANTIZED_XFAIL,
     ),
 ]
 
@@ -578,6 +591,32 @@ def test_sharded(entry: Entry):
         for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings), strict=True):
             assert p.sharding.is_equivalent_to(s, p.ndim)
     assert step._cache_size() == 1
+    assert_finite(state, "state")
+
+
+@pytest.mark.parametrize("entry", cases("sharded_explicit"))
+def test_sharded_explicit_mesh(entry: Entry):
+    """(g) again on a mesh with Explicit axes (``jax.make_mesh``'s default, what Flax
+    uses under ``jax.set_mesh``): shardings are part of the types, so every op must
+    say what it does with a sharded dimension."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    tx = entry.make()
+    with jax.set_mesh(mesh):
+        params = jax.device_put(
+            make_params(), jax.tree.map(lambda s: NamedSharding(mesh, s), SPECS)
+        )
+        state = jax.jit(tx.init)(params)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+
+        def step(params, state):
+            updates, state = tx.update(grads_at(params), state, params)
+            return optax.apply_updates(params, updates), state
+
+        step = jax.jit(step)
+        for _ in range(2):
+            params, state = step(params, state)
+            for x, s0 in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+                assert x.sharding.is_equivalent_to(s0, x.ndim)
     assert_finite(state, "state")
 
 
