@@ -213,8 +213,9 @@ def scale_by_quantized_adam(
 
     def init_fn(params: optax.Params) -> ScaleByQuantizedAdamState:
         def leaf(p):
-            if not quantized(p):  # two distinct buffers: both may be donated
-                mu, nu = jnp.zeros(p.shape, jnp.float32), jnp.zeros(p.shape, jnp.float32)
+            if not quantized(p):  # two distinct buffers (both may be donated), laid out
+                # like the param on an Explicit mesh (zeros_like keeps its sharding type)
+                mu, nu = jnp.zeros_like(p, jnp.float32), jnp.zeros_like(p, jnp.float32)
                 return mu, optax.MaskedNode(), nu, optax.MaskedNode(), optax.MaskedNode()
             mq, nq = mu_codec.abstract(p.shape), nu_codec.abstract(p.shape)
             zeros = lambda a: jnp.zeros(a.shape, a.dtype)
@@ -253,7 +254,11 @@ def scale_by_quantized_adam(
                 out.append(_float_leaf(g, moments[0], moments[2], hp))
             else:
                 keys = _leaf_key(step_key, i)
-                out.append(_quantized_leaf(g, *moments, keys, mu_codec, nu_codec, hp))
+
+                def leaf_fn(extra, g, *moments):
+                    return _quantized_leaf(g, *moments, extra[0], mu_codec, nu_codec, extra[1])
+
+                out.append(_on_auto_axes(leaf_fn, (keys, hp), g, *moments))
         new = [treedef.unflatten([o[j] for o in out]) for j in range(6)]
         return new[0], ScaleByQuantizedAdamState(count, state.key, *new[1:])
 
@@ -264,6 +269,20 @@ def _transpose(params: Any, tree_of_tuples: Any, n: int) -> list[Any]:
     treedef = jax.tree.structure(params)
     flat = treedef.flatten_up_to(tree_of_tuples)
     return [treedef.unflatten([t[j] for t in flat]) for j in range(n)]
+
+
+def _on_auto_axes(fn, extra, *arrays):
+    """Runs ``fn(extra, *arrays)`` as is, or, on a mesh with Explicit axes, with those axes made
+    Auto (``jax.sharding.auto_axes``): a block of ``block_size`` values may span shards of
+    a split last axis, which only XLA's propagation can lay out. Outputs keep the
+    shardings of the matching inputs (the update the gradient's, each state field its
+    own), so the state's layout is the same after every step."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return fn(extra, *arrays)
+    spec = lambda a: a if isinstance(a, optax.MaskedNode) else jax.typeof(a).sharding.spec
+    out_sharding = tuple(spec(a) for a in arrays)
+    return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(extra, *arrays)
 
 
 class _Hyper(NamedTuple):

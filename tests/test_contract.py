@@ -218,12 +218,6 @@ def _scale_by_quantized_adam_lr(
 
 
 _QUANTIZED_STATIC = ("block_size", "min_size")
-_QUANTIZED_XFAIL = {
-    "sharded_explicit": "blocks of 128 along a last axis split 4 ways (64 -> 16 per shard) "
-    "span shards; on an Explicit mesh the block reshape/padding raises ShardingTypeError "
-    "(works on Auto meshes, test_sharded). To fix: run the block math under "
-    "jax.sharding.auto_axes or use shard-local blocks",
-}
 
 REGISTRY += [
     Entry(
@@ -231,14 +225,12 @@ REGISTRY += [
         factory=lowbit_optax.adamw_8bit,
         state_bytes=lambda p: _quantized_adam_bytes(p, 8, 8, log_nu=False),
         static_args=_QUANTIZED_STATIC,
-        xfail=_QUANTIZED_XFAIL,
     ),
     Entry(
         name="adamw_4bit",
         factory=lowbit_optax.adamw_4bit,
         state_bytes=lambda p: _quantized_adam_bytes(p, 4, 4, log_nu=False),
         static_args=_QUANTIZED_STATIC,
-        xfail=_QUANTIZED_XFAIL,
     ),
     *(
         Entry(
@@ -248,7 +240,6 @@ REGISTRY += [
             state_bytes=lambda p, bits=bits: _quantized_adam_bytes(p, *bits, log_nu=True),
             static_args=(*_QUANTIZED_STATIC, "bits", "key", "quantile_sample"),
             problem_learning_rate=1e-2,  # SOLO's low b1 (0.6-0.8) needs a smaller lr here
-            xfail=_QUANTIZED_XFAIL,
         )
         for bits in ((4, 2), (3, 3), (2, 2))
     ),
@@ -265,7 +256,6 @@ REGISTRY += [
             )
         ),  # bfloat16 scales: 2 bytes less per scale
         static_args=("mu_bits", "nu_bits", *_QUANTIZED_STATIC, "key"),
-        xfail=_QUANTIZED_XFAIL,
     ),
 ]
 
@@ -615,9 +605,18 @@ def test_sharded_explicit_mesh(entry: Entry):
         step = jax.jit(step)
         for _ in range(2):
             params, state = step(params, state)
-            for x, s0 in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
-                assert x.sharding.is_equivalent_to(s0, x.ndim)
+            flat = jax.tree_util.tree_flatten_with_path(state)[0]
+            for (path, x), s0 in zip(flat, jax.tree.leaves(shardings), strict=True):
+                assert x.sharding.is_equivalent_to(s0, x.ndim), (
+                    f"state{jax.tree_util.keystr(path)}: {x.sharding.spec} != {s0.spec}"
+                )
     assert_finite(state, "state")
+    # Sharding changes the layout, not the math: same params as a single-device run.
+    ref, ref_state = make_params(), tx.init(make_params())
+    for _ in range(2):
+        u, ref_state = jax.jit(tx.update)(grads_at(ref), ref_state, ref)
+        ref = optax.apply_updates(ref, u)
+    chex.assert_trees_all_close(jax.device_get(params), ref, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------
