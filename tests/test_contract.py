@@ -331,6 +331,25 @@ def assert_finite(tree: Any, what: str) -> None:
             assert bool(jnp.all(jnp.isfinite(x))), f"{what}{jax.tree_util.keystr(path)} not finite"
 
 
+def assert_same_shardings(tree: Any, shardings: Any) -> None:
+    """Every leaf of ``tree`` is laid out as the matching leaf of ``shardings``."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for (path, x), s0 in zip(flat, jax.tree.leaves(shardings), strict=True):
+        assert x.sharding.is_equivalent_to(s0, x.ndim), (
+            f"state{jax.tree_util.keystr(path)}: {x.sharding} != {s0}"
+        )
+
+
+def train_step(tx: optax.GradientTransformation):
+    """The pure (params, state) -> (params, state) step every check jits its own way."""
+
+    def step(params, state):
+        updates, state = tx.update(grads_at(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
 # --------------------------------------------------------------------------------------
 # (a) toy problems, as optax's alias tests
 # --------------------------------------------------------------------------------------
@@ -391,8 +410,7 @@ def test_no_recompilation(entry: Entry):
 
     def step(params, state):
         traces.append(1)  # runs once per trace, never when a compiled call is reused
-        updates, state = tx.update(grads_at(params), state, params)
-        return optax.apply_updates(params, updates), state
+        return train_step(tx)(params, state)
 
     # Donated, as a training loop does: fails if init hands out one buffer twice.
     step = jax.jit(step, donate_argnums=(0, 1))
@@ -565,21 +583,12 @@ def test_sharded(entry: Entry):
 
     state = jax.jit(tx.init, out_shardings=shardings)(params)
 
-    def step(params, state):
-        updates, state = tx.update(grads_at(params), state, params)
-        return optax.apply_updates(params, updates), state
-
     # No out_shardings: the update's own sharding propagation must keep the layout.
-    step = jax.jit(step, donate_argnums=(0, 1))
+    step = jax.jit(train_step(tx), donate_argnums=(0, 1))
     for _ in range(3):
         params, state = step(params, state)
-        flat = jax.tree_util.tree_flatten_with_path(state)[0]
-        for (path, x), s0 in zip(flat, jax.tree.leaves(shardings), strict=True):
-            assert x.sharding.is_equivalent_to(s0, x.ndim), (
-                f"state{jax.tree_util.keystr(path)}: {x.sharding} != {s0}"
-            )
-        for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings), strict=True):
-            assert p.sharding.is_equivalent_to(s, p.ndim)
+        assert_same_shardings(state, shardings)
+        assert_same_shardings(params, param_shardings)
     assert step._cache_size() == 1
     assert_finite(state, "state")
 
@@ -598,18 +607,10 @@ def test_sharded_explicit_mesh(entry: Entry):
         state = jax.jit(tx.init)(params)
         shardings = jax.tree.map(lambda x: x.sharding, state)
 
-        def step(params, state):
-            updates, state = tx.update(grads_at(params), state, params)
-            return optax.apply_updates(params, updates), state
-
-        step = jax.jit(step)
+        step = jax.jit(train_step(tx))
         for _ in range(2):
             params, state = step(params, state)
-            flat = jax.tree_util.tree_flatten_with_path(state)[0]
-            for (path, x), s0 in zip(flat, jax.tree.leaves(shardings), strict=True):
-                assert x.sharding.is_equivalent_to(s0, x.ndim), (
-                    f"state{jax.tree_util.keystr(path)}: {x.sharding.spec} != {s0.spec}"
-                )
+            assert_same_shardings(state, shardings)
     assert_finite(state, "state")
     # Sharding changes the layout, not the math: same params as a single-device run.
     ref, ref_state = make_params(), tx.init(make_params())
@@ -704,10 +705,7 @@ def test_orbax_roundtrip(entry: Entry, tmp_path):
 
     tx = entry.make()
 
-    @jax.jit
-    def step(params, state):
-        updates, state = tx.update(grads_at(params), state, params)
-        return optax.apply_updates(params, updates), state
+    step = jax.jit(train_step(tx))
 
     def train(params, state, n):
         for _ in range(n):
