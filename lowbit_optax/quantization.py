@@ -53,6 +53,7 @@ __all__ = [
     "encode_blocks",
     "from_blocks",
     "linear_levels",
+    "make_codec",
     "pack",
     "quantize",
     "round_to_table",
@@ -61,6 +62,7 @@ __all__ = [
     "unpack",
 ]
 
+MAPS = ("dynamic", "linear", "linear_zero_free", "log")
 Rounding = Literal["nearest", "stochastic", "stochastic_log"]
 ROUNDINGS = ("nearest", "stochastic", "stochastic_log")
 PACKABLE_BITS = (1, 2, 3, 4, 8)
@@ -474,3 +476,47 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     base = None if q.bases is None else q.bases.astype(jnp.float32)[..., None]
     values = decode_blocks(codes, q.scales.astype(jnp.float32)[..., None], base, codec)
     return from_blocks(values, n)
+
+
+def make_codec(
+    bits: int,
+    kind: str | Codec | np.ndarray,
+    *,
+    signed: bool,
+    block_size: int = 128,
+    rounding: str = "nearest",
+    scale_dtype: str = "float32",
+    quantile_sample: int = 0,
+) -> Codec:
+    """A codec from a map name (``dynamic``, ``linear``, ``linear_zero_free``, ``log``),
+    a level table, or a ready ``Codec`` (returned as is).
+
+    ``dynamic`` is bitsandbytes' dynamic tree at 8 bits and the dynamic-exponent map
+    below; ``linear_zero_free`` is the 4-bit paper's unsigned map without a zero level;
+    ``log`` is SOLO's logarithmic unsigned quantizer (second moment only).
+    """
+    if isinstance(kind, Codec):
+        return kind
+    if isinstance(kind, str):
+        if kind not in MAPS:
+            raise ValueError(f"unknown map {kind!r}; use one of {MAPS}, a level array or a Codec")
+        if kind == "log":
+            if signed:
+                raise ValueError(
+                    "the logarithmic map is unsigned (second moment only); "
+                    "use 'dynamic' or 'linear' for the first moment"
+                )
+            return Codec(
+                bits, None, block_size, rounding, scale_dtype, quantile_sample=quantile_sample
+            )
+        if kind == "dynamic":
+            levels = dynamic_exponent_levels(bits, signed)
+        elif kind == "linear":
+            levels = linear_levels(bits, signed, zero=True)
+        else:
+            if signed:
+                raise ValueError("'linear_zero_free' is an unsigned (second-moment) map")
+            levels = linear_levels(bits, signed=False, zero=False)
+    else:
+        levels = np.asarray(kind, np.float32)
+    return Codec(bits, tuple(float(v) for v in levels), block_size, rounding, scale_dtype)

@@ -32,6 +32,8 @@ import numpy as np
 import optax
 
 from lowbit_optax import quantization as qz
+from lowbit_optax._util import on_auto_axes, unflatten_like
+from lowbit_optax.quantization import MAPS, make_codec  # noqa: F401 (re-exported)
 
 __all__ = [
     "ScaleByQuantizedAdamState",
@@ -43,7 +45,6 @@ __all__ = [
 ]
 
 _TINY = float(np.finfo(np.float32).tiny)
-MAPS = ("dynamic", "linear", "linear_zero_free", "log")
 
 
 class ScaleByQuantizedAdamState(NamedTuple):
@@ -69,50 +70,6 @@ class ScaleByQuantizedAdamState(NamedTuple):
     nu_codes: optax.Updates
     nu_scales: optax.Updates
     nu_bases: optax.Updates
-
-
-def make_codec(
-    bits: int,
-    kind: str | qz.Codec | np.ndarray,
-    *,
-    signed: bool,
-    block_size: int = 128,
-    rounding: str = "nearest",
-    scale_dtype: str = "float32",
-    quantile_sample: int = 0,
-) -> qz.Codec:
-    """A codec from a map name (``dynamic``, ``linear``, ``linear_zero_free``, ``log``),
-    a level table, or a ready ``Codec`` (returned as is).
-
-    ``dynamic`` is bitsandbytes' dynamic tree at 8 bits and the dynamic-exponent map
-    below; ``linear_zero_free`` is the 4-bit paper's unsigned map without a zero level;
-    ``log`` is SOLO's logarithmic unsigned quantizer (second moment only).
-    """
-    if isinstance(kind, qz.Codec):
-        return kind
-    if isinstance(kind, str):
-        if kind not in MAPS:
-            raise ValueError(f"unknown map {kind!r}; use one of {MAPS}, a level array or a Codec")
-        if kind == "log":
-            if signed:
-                raise ValueError(
-                    "the logarithmic map is unsigned (second moment only); "
-                    "use 'dynamic' or 'linear' for the first moment"
-                )
-            return qz.Codec(
-                bits, None, block_size, rounding, scale_dtype, quantile_sample=quantile_sample
-            )
-        if kind == "dynamic":
-            levels = qz.dynamic_exponent_levels(bits, signed)
-        elif kind == "linear":
-            levels = qz.linear_levels(bits, signed, zero=True)
-        else:
-            if signed:
-                raise ValueError("'linear_zero_free' is an unsigned (second-moment) map")
-            levels = qz.linear_levels(bits, signed=False, zero=False)
-    else:
-        levels = np.asarray(kind, np.float32)
-    return qz.Codec(bits, tuple(float(v) for v in levels), block_size, rounding, scale_dtype)
 
 
 def _leaf_key(key: jax.Array, i: int) -> tuple[jax.Array, jax.Array]:
@@ -258,7 +215,7 @@ def scale_by_quantized_adam(
                 def leaf_fn(extra, g, *moments):
                     return _quantized_leaf(g, *moments, extra[0], mu_codec, nu_codec, extra[1])
 
-                out.append(_on_auto_axes(leaf_fn, (keys, hp), g, *moments))
+                out.append(on_auto_axes(leaf_fn, (keys, hp), g, *moments))
         new = [treedef.unflatten([o[j] for o in out]) for j in range(6)]
         return new[0], ScaleByQuantizedAdamState(count, state.key, *new[1:])
 
@@ -268,21 +225,7 @@ def scale_by_quantized_adam(
 def _transpose(params: Any, tree_of_tuples: Any, n: int) -> list[Any]:
     treedef = jax.tree.structure(params)
     flat = treedef.flatten_up_to(tree_of_tuples)
-    return [treedef.unflatten([t[j] for t in flat]) for j in range(n)]
-
-
-def _on_auto_axes(fn, extra, *arrays):
-    """Runs ``fn(extra, *arrays)`` as is, or, on a mesh with Explicit axes, with those axes made
-    Auto (``jax.sharding.auto_axes``): a block of ``block_size`` values may span shards of
-    a split last axis, which only XLA's propagation can lay out. Outputs keep the
-    shardings of the matching inputs (the update the gradient's, each state field its
-    own), so the state's layout is the same after every step."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
-        return fn(extra, *arrays)
-    spec = lambda a: a if isinstance(a, optax.MaskedNode) else jax.typeof(a).sharding.spec
-    out_sharding = tuple(spec(a) for a in arrays)
-    return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(extra, *arrays)
+    return [unflatten_like(params, [t[j] for t in flat]) for j in range(n)]
 
 
 class _Hyper(NamedTuple):

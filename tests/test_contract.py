@@ -260,6 +260,97 @@ REGISTRY += [
 ]
 
 
+# ---- SNR-selective second moments (lowbit_optax.snr) --------------------------------
+
+
+def _slim_bytes(
+    params: Any,
+    rules: Any,
+    mu_bits: int | None = None,
+    nu_bits: int | None = None,
+    block: int = 128,
+    min_size: int = 4096,
+) -> int:
+    """int32 count; per leaf: ``mu`` (param dtype, or with ``mu_bits`` and >= min_size
+    elements: codes at mu_bits per padded element plus a float32 scale per block) and
+    ``nu`` reduced over the leaf's axes (same rule with ``nu_bits``)."""
+
+    def moment(shape: tuple[int, ...], bits: int | None, itemsize: int) -> int:
+        size = math.prod(shape)
+        if bits is None or not shape or size < min_size:
+            return itemsize * size
+        rows, blocks = size // shape[-1], -(-shape[-1] // block)
+        return rows * blocks * (block * bits // 8 + 4)
+
+    total = 4
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, x in flat:
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        axes = rules(name, x)
+        reduced = tuple(1 if i in (axes or ()) else d for i, d in enumerate(x.shape))
+        # float moments: mu in the param dtype (float32 beside a quantized codec), nu in
+        # the param dtype
+        mu_item = 4 if mu_bits is not None else _itemsize(x)
+        total += moment(x.shape, mu_bits, mu_item) + moment(reduced, nu_bits, _itemsize(x))
+    return total
+
+
+_SLIM_TABLE = {"embed": (0,), "dense/kernel": (1,), "dense/bias": None, "odd": (0, 1)}
+
+
+def _SLIM_RULES(path: str, leaf: Any) -> tuple[int, ...] | None:
+    """The table above for the shared params; every axis for other trees' leaves."""
+    return _SLIM_TABLE[path] if path in _SLIM_TABLE else tuple(range(len(leaf.shape)))
+
+
+_SLIM_STATIC = ("rules", "mu_bits", "nu_bits", "block_size", "min_size", "mu_dtype")
+
+
+def _calibration_lr(learning_rate, every=3, max_records=4):
+    """optax.adamw wrapped in the SNR recorder."""
+    return lowbit_optax.snr_calibration(
+        optax.adamw(learning_rate, weight_decay=1e-4), every=every, max_records=max_records
+    )
+
+
+def _calibration_bytes(params: Any, max_records: int = 4) -> int:
+    """optax.adamw's state + int32 count and record counter + float32 SNR records
+    (max_records x number of non-empty axis subsets) per leaf of rank >= 1."""
+    records = sum(4 * max_records * (2**x.ndim - 1) for x in jax.tree.leaves(params) if x.ndim)
+    return _adamw_bytes(params) + 8 + records
+
+
+REGISTRY += [
+    Entry(
+        name="slim_adamw",
+        factory=lowbit_optax.slim_adamw,
+        kwargs=dict(rules=lowbit_optax.flax_default_rules),
+        state_bytes=lambda p: _slim_bytes(p, lowbit_optax.flax_default_rules),
+        static_args=_SLIM_STATIC,
+    ),
+    Entry(
+        name="slim_adamw_mu4",
+        factory=lowbit_optax.slim_adamw,
+        kwargs=dict(rules=_SLIM_RULES, mu_bits=4),
+        state_bytes=lambda p: _slim_bytes(p, _SLIM_RULES, mu_bits=4),
+        static_args=_SLIM_STATIC,
+    ),
+    Entry(
+        name="slim_adamw_mu8_nu8",
+        factory=lowbit_optax.slim_adamw,
+        kwargs=dict(rules=_SLIM_RULES, mu_bits=8, nu_bits=8, min_size=64),
+        state_bytes=lambda p: _slim_bytes(p, _SLIM_RULES, mu_bits=8, nu_bits=8, min_size=64),
+        static_args=_SLIM_STATIC,
+    ),
+    Entry(
+        name="snr_calibration",
+        factory=_calibration_lr,
+        state_bytes=_calibration_bytes,
+        static_args=("every", "max_records"),
+    ),
+]
+
+
 def cases(check: str) -> list[Any]:
     assert check in CHECKS, check
     out = []

@@ -1,0 +1,102 @@
+"""Internal helpers shared by the technique modules (not public API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def path_str(keypath: tuple[Any, ...]) -> str:
+    """A parameter's path as ``'blocks/0/attn/q/kernel'``: key names joined by ``/``, with
+    a trailing ``value`` attribute (Flax NNX ``Variable`` wrappers) dropped."""
+    names = []
+    for k in keypath:
+        if isinstance(k, jax.tree_util.DictKey):
+            names.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            names.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            names.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            names.append(str(k.key))
+        else:
+            names.append(str(k))
+    if names and names[-1] == "value" and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
+        names.pop()
+    return "/".join(names)
+
+
+def on_auto_axes(fn, extra, *arrays):
+    """Runs ``fn(extra, *arrays)`` as is, or, on a mesh with Explicit axes, with those axes made
+    Auto (``jax.sharding.auto_axes``): a block of ``block_size`` values may span shards of
+    a split last axis, which only XLA's propagation can lay out. Outputs keep the
+    shardings of the matching inputs (the update the gradient's, each state field its
+    own), so the state's layout is the same after every step."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return fn(extra, *arrays)
+    spec = lambda a: a if isinstance(a, optax.MaskedNode) else jax.typeof(a).sharding.spec
+    out_sharding = tuple(spec(a) for a in arrays)
+    return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(extra, *arrays)
+
+
+def _is_nnx_variable(x: Any) -> bool:
+    return type(x).__module__.startswith("flax.") and callable(getattr(x, "set_metadata", None))
+
+
+def unflatten_like(params: Any, values: list[Any], *, replicate: bool = False) -> Any:
+    """``params``' structure with ``values`` (one per param leaf, flatten order) as leaves.
+
+    Like ``jax.tree.structure(params).unflatten(values)``, except for Flax NNX
+    ``Variable`` nodes (``nnx.Optimizer`` passes them to ``init``; their metadata is what
+    it shards the optimizer state by): a state leaf whose size along an axis differs
+    from the param's (a reduced, blocked or packed axis) loses the param's sharding
+    name on that axis (``out_sharding``), which could otherwise not divide it.
+    ``replicate=True`` drops every name (leaves unrelated to the param's axes).
+    """
+    nodes, treedef = jax.tree.flatten(params, is_leaf=_is_nnx_variable)
+    out = []
+    for node, value in zip(nodes, values, strict=True):
+        if not _is_nnx_variable(node):
+            out.append(value)
+            continue
+        _, vdef = jax.tree.flatten(node)
+        new = vdef.unflatten([value])
+        names = node.get_metadata().get("out_sharding")
+        shape, old = getattr(value, "shape", None), getattr(node.get_value(), "shape", None)
+        if names is not None and shape is not None and old is not None:
+            kept = tuple(
+                n
+                if not replicate and i < len(shape) and i < len(old) and shape[i] == old[i]
+                else None
+                for i, n in enumerate(names)
+            )
+            if replicate:
+                kept = (None,) * len(shape)
+            if kept != tuple(names):
+                new.set_metadata(out_sharding=kept)
+        out.append(new)
+    return treedef.unflatten(out)
+
+
+def zeros_for(param: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Zeros of ``shape`` for a state leaf derived from ``param`` (same rank).
+
+    On a mesh with Explicit axes the result is laid out like ``param`` on every axis
+    whose size is unchanged and replicated on the others (as the update will produce it);
+    elsewhere plain ``jnp.zeros`` (``init`` reads shapes only).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types:
+        try:
+            spec = tuple(jax.typeof(param).sharding.spec)
+        except (AttributeError, TypeError):
+            spec = None
+        if spec is not None:
+            spec = spec + (None,) * (len(shape) - len(spec))
+            kept = [s if shape[i] == param.shape[i] else None for i, s in enumerate(spec)]
+            return jnp.zeros(shape, dtype, out_sharding=jax.sharding.PartitionSpec(*kept))
+    return jnp.zeros(shape, dtype)
