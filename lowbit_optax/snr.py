@@ -81,7 +81,7 @@ __all__ = [
 
 Axes = tuple[int, ...]
 RuleFn = Callable[[str, Any], "Axes | Sequence[int] | None"]
-Rules = "Mapping[Any, Any] | RuleFn"
+Rules = Mapping[Any, Any] | RuleFn  # nested/flat mapping of paths to axes, or a callable
 Table = dict[str, dict[Axes, float]]
 
 
@@ -478,7 +478,7 @@ def flax_default_rules(path: str, leaf: Any) -> Axes | None:
     return None
 
 
-def resolve_rules(rules: Any, tree: Any) -> list[Axes]:
+def resolve_rules(rules: Rules, tree: Any) -> list[Axes]:
     """Per leaf of ``tree`` (flatten order), the normalised averaging axes (``()`` for
     none). Raises for missing paths and axes that do not fit a leaf."""
     if rules is None:
@@ -518,7 +518,7 @@ def resolve_rules(rules: Any, tree: Any) -> list[Axes]:
     return out
 
 
-def removed_fraction(params: Any, rules: Any) -> float:
+def removed_fraction(params: Any, rules: Rules) -> float:
     """Fraction of the second moment's entries that ``rules`` remove (0 = plain Adam)."""
     leaves = [x for _, x in _with_paths(params)]
     full = sum(math.prod(x.shape) for x in leaves)
@@ -543,7 +543,8 @@ class ScaleBySlimAdamState(NamedTuple):
         set and the leaf has at least ``min_size`` elements.
       mu_scales: per-block scales of quantized ``mu`` leaves, else ``MaskedNode``.
       nu: second moment reduced with ``keepdims`` over each leaf's axes (the params'
-        dtype), or its codes when ``nu_bits`` is set and it has ``min_size`` elements.
+        dtype), or, when ``nu_bits`` is set and it has ``min_size`` elements, the codes
+        of that array with its averaged (size-1) axes squeezed out.
       nu_scales: per-block scales of quantized ``nu`` leaves, else ``MaskedNode``.
     """
 
@@ -556,6 +557,13 @@ class ScaleBySlimAdamState(NamedTuple):
 
 def _reduced_shape(shape: tuple[int, ...], axes: Axes) -> tuple[int, ...]:
     return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a quantized reduced ``nu`` is stored in: averaged (size-1) axes dropped,
+    so blocks run along a real axis (a ``(vocab, 1)`` column is not padded to ``(vocab,
+    128)``)."""
+    return tuple(d for d in shape if d != 1) or (1,)
 
 
 def _mean_sq(g: jax.Array, axes: Axes) -> jax.Array:
@@ -627,7 +635,7 @@ def scale_by_slim_adam(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     *,
-    rules: Any,
+    rules: Rules,
     mu_dtype: Any = None,
     mu_bits: int | None = None,
     nu_bits: int | None = None,
@@ -698,7 +706,7 @@ def scale_by_slim_adam(
                 fields[1].append(optax.MaskedNode())
             rshape = _reduced_shape(tuple(x.shape), plan.axes)
             if plan.nu_q:
-                q = nu_codec.abstract(rshape)
+                q = nu_codec.abstract(_squeezed(rshape))
                 fields[2].append(jnp.zeros(q.codes.shape, q.codes.dtype))
                 fields[3].append(jnp.zeros(q.scales.shape, q.scales.dtype))
             else:
@@ -779,7 +787,8 @@ def _quantized_leaf(g, mu, mu_s, nu, nu_s, plan, mu_codec, nu_codec, b1, b2, eps
     else:
         m = mu.astype(jnp.float32)
     if plan.nu_q:
-        v = qz.dequantize(qz.QuantizedArray(nu, nu_s, None, nu_codec, rshape))
+        qshape = _squeezed(rshape)
+        v = qz.dequantize(qz.QuantizedArray(nu, nu_s, None, nu_codec, qshape)).reshape(rshape)
     else:
         v = nu.astype(jnp.float32)
     m = b1 * m + (1 - b1) * g32
@@ -791,7 +800,7 @@ def _quantized_leaf(g, mu, mu_s, nu, nu_s, plan, mu_codec, nu_codec, b1, b2, eps
     else:
         mu, mu_s = m.astype(mu.dtype), optax.MaskedNode()
     if plan.nu_q:
-        qv = qz.quantize(v, nu_codec)
+        qv = qz.quantize(v.reshape(_squeezed(rshape)), nu_codec)
         nu, nu_s = qv.codes, qv.scales
     else:
         nu, nu_s = v.astype(nu.dtype), optax.MaskedNode()
@@ -800,7 +809,7 @@ def _quantized_leaf(g, mu, mu_s, nu, nu_s, plan, mu_codec, nu_codec, b1, b2, eps
 
 def slim_state_from_adam(
     adam_state: Any,
-    rules: Any,
+    rules: Rules,
     *,
     mu_bits: int | None = None,
     nu_bits: int | None = None,
@@ -846,7 +855,7 @@ def slim_state_from_adam(
                 fields[0] += [m.astype(jnp.float32) if mu_bits is not None else m]
                 fields[1] += [optax.MaskedNode()]
             if plan.nu_q:
-                q = qz.quantize(v, nu_codec)
+                q = qz.quantize(v.reshape(_squeezed(v.shape)), nu_codec)
                 fields[2] += [q.codes]
                 fields[3] += [q.scales]
             else:
@@ -866,7 +875,7 @@ def slim_adamw(
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    rules: Any,
+    rules: Rules,
     mu_dtype: Any = None,
     mu_bits: int | None = None,
     nu_bits: int | None = None,

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import optax
 import pytest
 
@@ -210,3 +212,105 @@ def test_missing_extras_give_an_install_hint(monkeypatch: pytest.MonkeyPatch) ->
         cli.check_extras()
     assert "needs tqdm" in str(exc.value.code)
     assert "lowbit-optax[examples]" in str(exc.value.code)
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A ``--quick`` lm sweep over two learning rates with SlimAdam calibration."""
+    out = tmp_path_factory.mktemp("sweep")
+    argv = ["--quick", "--task", "lm", "--optimizers", "slim_adamw"]  # calibrates by default
+    argv += ["--calibrate-steps", "8", "--lrs", "1e-3,3e-3", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowbit_optax.bench", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (out / "results.md").read_text()
+    return {"json": json.loads((out / "results.json").read_text()), "md": md}
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_lr_and_reports_the_best(sweep_run: dict[str, Any]) -> None:
+    results = sweep_run["json"]
+    assert list(results["tasks"]) == ["lm@lr=0.001", "lm@lr=0.003"]
+    for key, lr in (("lm@lr=0.001", 1e-3), ("lm@lr=0.003", 3e-3)):
+        task = results["tasks"][key]
+        assert task["config"]["lr"] == lr
+        assert all(r["update_ms"] is None for r in task["results"].values())  # not timed
+    sweep = results["sweeps"]["lm"]
+    assert sweep["lrs"] == [1e-3, 3e-3]
+    for opt in ("adamw", "slim_adamw"):
+        losses = [results["tasks"][k]["results"][opt]["eval_loss"] for k in results["tasks"]]
+        assert sweep["eval_loss"][opt] == losses
+        assert sweep["best_lr"][opt] == sweep["lrs"][int(np.argmin(losses))]
+    assert "## Learning-rate sweep: lm" in sweep_run["md"]
+
+
+@pytest.mark.slow
+def test_calibration_rules_are_the_ones_trained_with(sweep_run: dict[str, Any]) -> None:
+    import lowbit_optax
+
+    task = sweep_run["json"]["tasks"]["lm@lr=0.001"]
+    cal = task["config"]["calibration"]
+    assert cal["steps"] == 8 and cal["records"] == 5  # steps 1, 2, 4, 6, 8 (every 8 // 4)
+    # a tenth of the quick lm task's default lr (3e-3), the same for every sweep point
+    assert cal["lr"] == pytest.approx(3e-4)
+    assert sweep_run["json"]["tasks"]["lm@lr=0.003"]["config"]["calibration"] == cal
+    rules = lowbit_optax.rules_from_json(cal["rules_json"])
+    flat = json.loads(cal["rules_json"])
+    assert 0 <= cal["agree_with_defaults"] <= cal["matrices"]
+    # The state bytes of slim_adamw follow from the calibrated rules: float32 mu, float32
+    # nu reduced over each leaf's axes, two int32 counts (adam + schedule).
+    from lowbit_optax.bench import tasks
+
+    params = tasks.LMTask().problem(tasks.Settings(quick=True)).params
+    kept = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        axes = flat[name] or []
+        kept += int(np.prod([1 if i in axes else d for i, d in enumerate(leaf.shape)]))
+    n = task["results"]["slim_adamw"]["num_params"]
+    assert task["results"]["slim_adamw"]["state_bytes"] == 4 * n + 4 * kept + 8
+    assert cal["removed_fraction"] == pytest.approx(lowbit_optax.removed_fraction(params, rules))
+    assert "SlimAdam calibration" in sweep_run["md"]
+
+
+def test_sweep_summary_by_hand() -> None:
+    from lowbit_optax.bench import report
+
+    def task(lr: float, losses: dict[str, float | None]) -> dict[str, Any]:
+        return {"config": {"lr": lr}, "results": {k: {"eval_loss": v} for k, v in losses.items()}}
+
+    results = {
+        "tasks": {
+            "lm@lr=0.001": task(1e-3, {"adamw": 2.0, "x": 3.0}),
+            "lm@lr=0.01": task(1e-2, {"adamw": 2.5, "x": None}),
+            "lm@lr=0.1": task(1e-1, {"adamw": float("nan"), "x": 2.9}),
+        }
+    }
+    sweeps = report.sweeps(results, [1e-3, 1e-2, 1e-1])
+    assert sweeps["lm"]["best_lr"] == {"adamw": 1e-3, "x": 1e-1}
+    assert sweeps["lm"]["eval_loss"]["x"] == [3.0, None, 2.9]
+    table = report.sweep_table(sweeps["lm"])
+    assert "| adamw | **2.0000** | 2.5000 | nan | 0.001 |" in table
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lrs", "1e-3,abc"], "--lrs must be comma-separated numbers"),
+        (["--lrs", "1e-3,-1"], "--lrs must be positive"),
+        (["--lrs", "1e-3", "--lr", "1e-3"], "--lr and --lrs exclude each other"),
+        (["--calibrate-steps", "0"], "--calibrate-steps must be a positive integer"),
+    ],
+)
+def test_cli_rejects_bad_sweeps(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code != 0
+    assert message in capsys.readouterr().err

@@ -25,7 +25,7 @@ def test_readme_main_job_command_runs_the_benchmark():
 
 
 def test_quick_example_runs(capsys):
-    (code,) = _blocks("python")
+    code = _blocks("python")[0]
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     # 1M-element matrix at 6 bits + three float32 per-block values per 128, the bias in
@@ -41,3 +41,20 @@ def test_results_table_in_sync_with_committed_benchmark():
     committed = (ROOT / "benchmarks" / "results.md").read_text().splitlines()
     missing = [r for r in rows if r not in committed]
     assert not missing, f"README rows not in benchmarks/results.md: {missing}"
+
+
+def test_slim_adam_example_runs(capsys):
+    (code,) = [b for b in _blocks("python") if "snr_calibration" in b]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    printed = capsys.readouterr().out
+    rules = scope["lo"].rules_from_json(printed)
+    assert rules == scope["rules"]
+    assert rules["dense"]["bias"] is None  # 1-D: never compressed
+    nu = scope["state"][0].nu["dense"]["kernel"]
+    shape = tuple(
+        1 if i in (rules["dense"]["kernel"] or ()) else d for i, d in enumerate((256, 512))
+    )
+    assert nu.shape == shape
+    # what the README's comments claim for this example
+    assert rules["dense"]["kernel"] == (1,) and nu.shape == (256, 1)

@@ -9,6 +9,7 @@ interleaved in this process; see results.md for how to read them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import os
@@ -52,6 +53,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="override every task's default learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, init, gradients")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, under a minute")
+    parser.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="lm/digits, when an optimizer that takes SlimAdam rules (slim_adamw*) runs: "
+        "first train optax.adamw at a tenth of the task's default lr for --calibrate-steps "
+        "steps, recording second-moment SNRs (lowbit_optax.snr_calibration), and give the "
+        "rules they pick to those optimizers (default); --no-calibrate: they use "
+        "lowbit_optax.flax_default_rules",
+    )
+    parser.add_argument(
+        "--calibrate-steps",
+        type=int,
+        default=400,
+        help="steps of the calibration run (default 400: SNR records at steps 1, 100, ..., 400)",
+    )
+    parser.add_argument(
+        "--lrs",
+        metavar="LR,...",
+        help="learning-rate sweep: run each training task once per lr (no update "
+        "micro-benchmark), report every optimizer's eval loss per lr and its best lr",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder")
     parser.add_argument(
         "--readme",
@@ -76,6 +99,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--steps must be a positive integer, got {args.steps}")
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    if args.calibrate_steps < 1:
+        parser.error(f"--calibrate-steps must be a positive integer, got {args.calibrate_steps}")
+    if args.lrs is not None:
+        try:
+            args.lrs = [float(v) for v in _split([args.lrs])]
+        except ValueError:
+            parser.error(f"--lrs must be comma-separated numbers, got {args.lrs!r}")
+        if not args.lrs or any(not lr > 0 for lr in args.lrs):
+            parser.error(f"--lrs must be positive learning rates, got {args.lrs}")
+        if args.lr is not None:
+            parser.error("--lr and --lrs exclude each other")
     return args
 
 
@@ -114,6 +148,9 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
         "reference": registry.REFERENCE,
         "optimizers": {name: registry.get(name).description for name in args.optimizers},
         "tasks": args.task,
+        "calibrate": args.calibrate,
+        "calibrate_steps": args.calibrate_steps if args.calibrate else None,
+        "lrs": args.lrs,
     }
 
 
@@ -125,13 +162,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     results: dict[str, Any] = {"meta": run_meta(args), "tasks": {}}
-    settings = tasks.Settings(steps=args.steps, lr=args.lr, seed=args.seed, quick=args.quick)
+    settings = tasks.Settings(
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        quick=args.quick,
+        calibrate=args.calibrate,
+        calibrate_steps=args.calibrate_steps,
+    )
     optimizers = {name: registry.get(name).make for name in args.optimizers}
-    for name in args.task:
+    runs = [(name, name, settings) for name in args.task]
+    if args.lrs is not None:  # a sweep: training tasks only, one run per lr
+        runs = [
+            (f"{name}@lr={lr:g}", name, dataclasses.replace(settings, lr=lr, time_updates=False))
+            for name in args.task
+            if name != "update"
+            for lr in args.lrs
+        ]
+    for key, name, run_settings in runs:
         task_start = time.perf_counter()
-        results["tasks"][name] = tasks.TASKS[name].run(optimizers, settings)
-        results["tasks"][name]["wall_s"] = time.perf_counter() - task_start
-        print(report.console_table(name, results["tasks"][name]), flush=True)
+        results["tasks"][key] = tasks.TASKS[name].run(optimizers, run_settings)
+        results["tasks"][key]["wall_s"] = time.perf_counter() - task_start
+        print(report.console_table(key, results["tasks"][key]), flush=True)
+    if args.lrs is not None:
+        results["sweeps"] = report.sweeps(results, args.lrs)
     results["meta"]["wall_s"] = time.perf_counter() - start
 
     args.out.mkdir(parents=True, exist_ok=True)

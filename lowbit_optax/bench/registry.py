@@ -27,16 +27,30 @@ class OptimizerSpec:
     make: Factory
     description: str
     baseline: bool = False
+    takes_rules: bool = False
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 
 
-def register(name: str, make: Factory, description: str, *, baseline: bool = False) -> None:
-    """Adds an optimizer under ``name`` (must be new)."""
+def register(
+    name: str,
+    make: Factory,
+    description: str,
+    *,
+    baseline: bool = False,
+    takes_rules: bool = False,
+) -> None:
+    """Adds an optimizer under ``name`` (must be new). ``takes_rules``: ``make`` also
+    accepts ``rules=`` (SlimAdam's per-leaf axes), which ``--calibrate`` supplies."""
     if name in _REGISTRY:
         raise ValueError(f"optimizer {name!r} is already registered")
-    _REGISTRY[name] = OptimizerSpec(name, make, description, baseline)
+    _REGISTRY[name] = OptimizerSpec(name, make, description, baseline, takes_rules)
+
+
+def takes_rules(name: str) -> bool:
+    """Whether a registered optimizer accepts calibrated SlimAdam rules."""
+    return name in _REGISTRY and _REGISTRY[name].takes_rules
 
 
 def get(name: str) -> OptimizerSpec:
@@ -101,4 +115,23 @@ register(
     ),
     "plain 2-bit Adam for contrast (2-bit DE mu, zero-free linear nu, b1=0.9, nearest; "
     "no SOLO remedies)",
+)
+
+# ---- SNR-selective second moments (SlimAdam) ---------------------------------------------
+register(
+    "slim_adamw",
+    lambda lr, rules=None: lowbit_optax.slim_adamw(
+        lr, weight_decay=WEIGHT_DECAY, rules=rules or lowbit_optax.flax_default_rules
+    ),
+    "lowbit_optax.slim_adamw (float32 mu; nu averaged per leaf: calibrated rules with "
+    "--calibrate, else flax_default_rules)",
+    takes_rules=True,
+)
+register(
+    "slim_adamw_mu4",
+    lambda lr, rules=None: lowbit_optax.slim_adamw(
+        lr, weight_decay=WEIGHT_DECAY, rules=rules or lowbit_optax.flax_default_rules, mu_bits=4
+    ),
+    "lowbit_optax.slim_adamw(mu_bits=4) (4-bit DE mu, blocks of 128; averaged float32 nu)",
+    takes_rules=True,
 )

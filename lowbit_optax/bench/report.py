@@ -205,7 +205,71 @@ def markdown(results: Results) -> str:
         lines += [f"{k}: {config[k]}  " for k in ("model", "data", "schedule") if k in config]
         lines += ["", markdown_table(task), ""]
         lines += [f"- {e}" for e in errors(task)]
+        if "calibration" in config:
+            lines += ["", *_calibration_lines(config["calibration"]), ""]
+    for name, sweep in results.get("sweeps", {}).items():
+        lines += [f"## Learning-rate sweep: {name}", "", "Final eval loss per learning rate.", ""]
+        lines += [sweep_table(sweep), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def sweeps(results: Results, lrs: list[float]) -> Results:
+    """Per swept task: every optimizer's final eval loss per lr and its best lr."""
+    out: Results = {}
+    for key, task in results["tasks"].items():
+        if "@lr=" not in key:
+            continue
+        name = key.split("@lr=")[0]
+        sweep = out.setdefault(name, {"lrs": list(lrs), "eval_loss": {}, "best_lr": {}})
+        lr = task["config"]["lr"]
+        for opt, rec in task["results"].items():
+            losses = sweep["eval_loss"].setdefault(opt, [None] * len(lrs))
+            losses[lrs.index(lr)] = rec["eval_loss"]
+    for sweep in out.values():
+        for opt, losses in sweep["eval_loss"].items():
+            finite = [
+                (v, lr)
+                for v, lr in zip(losses, sweep["lrs"], strict=True)
+                if v is not None and math.isfinite(v)
+            ]
+            sweep["best_lr"][opt] = min(finite)[1] if finite else None
+    return out
+
+
+def sweep_table(sweep: Results) -> str:
+    """Markdown: optimizers x learning rates, final eval loss, best lr in bold."""
+    lrs = sweep["lrs"]
+    lines = [
+        "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |",
+        "|---|" + "---:|" * (len(lrs) + 1),
+    ]
+    for opt, losses in sweep["eval_loss"].items():
+        best = sweep["best_lr"][opt]
+        cells = [
+            ("**" + fmt(v, ".4f") + "**") if lr == best else fmt(v, ".4f")
+            for v, lr in zip(losses, lrs, strict=True)
+        ]
+        lines.append(f"| {opt} | " + " | ".join(cells) + f" | {fmt(best, 'g')} |")
+    return "\n".join(lines)
+
+
+def _calibration_lines(cal: Results) -> list[str]:
+    rules = json.loads(cal["rules_json"])
+    lines = [
+        f"SlimAdam calibration: optax.adamw at lr {cal['lr']:g} for {cal['steps']} steps, "
+        f"{cal['records']} SNR records (every {cal['every']}); the calibrated rules remove "
+        f"{100 * cal['removed_fraction']:.1f}% of the second moment's entries "
+        f"(flax_default_rules: {100 * cal['default_removed_fraction']:.1f}%); they agree "
+        f"with flax_default_rules on {cal['agree_with_defaults']} of {cal['matrices']} "
+        "matrices.",
+        "",
+        "| parameter | calibrated axes | default axes | mean SNR per candidate |",
+        "|---|---|---|---|",
+    ]
+    for path, axes in rules.items():
+        snrs = ", ".join(f"({k}): {v:.3g}" for k, v in cal["mean_snr"][path].items())
+        lines.append(f"| {path} | {axes} | {cal['default_rules'][path]} | {snrs} |")
+    return lines
 
 
 def write_json(results: Results, path: Path) -> None:

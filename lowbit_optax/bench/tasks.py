@@ -17,6 +17,8 @@ includes it; the compiled program also yields XLA's planned memory (temp + outpu
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Protocol
@@ -28,6 +30,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+import lowbit_optax
+from lowbit_optax._util import path_str
 from lowbit_optax.bench import data, models, registry
 from lowbit_optax.bench.timing import (
     DonatedLoop,
@@ -51,6 +55,9 @@ class Settings:
     lr: float | None = None
     seed: int = 0
     quick: bool = False
+    calibrate: bool = False
+    calibrate_steps: int = 400
+    time_updates: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +127,11 @@ def num_params(params: Any) -> int:
 def _copy(tree: Any) -> Any:
     """Fresh device buffers (donation invalidates the ones passed in)."""
     return jax.tree.map(jnp.array, tree)
+
+
+def _paths(tree: Any) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` pairs with ``/``-joined parameter paths."""
+    return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _random_like(tree: Any, seed: int, scale: float = 1.0) -> Any:
@@ -284,10 +296,20 @@ class TrainingTask:
         """Update micro-benchmark, then lockstep training; returns config and results."""
         plan = self.plan(settings)
         problem = self.problem(settings)
+        calibration = None
+        if settings.calibrate and any(registry.takes_rules(n) for n in optimizers):
+            calibration = self.calibrate(problem, plan, settings)
+            rules = lowbit_optax.rules_from_json(calibration["rules_json"])
+            optimizers = {
+                n: functools.partial(make, rules=rules) if registry.takes_rules(n) else make
+                for n, make in optimizers.items()
+            }
         trials = _make_trials(optimizers, _schedule(plan))
-        total = len(trials) * (plan.rounds + plan.steps)
+        rounds = plan.rounds if settings.time_updates else 0
+        total = len(trials) * (rounds + plan.steps)
         with tqdm(total=total, desc=self.name, unit="step", leave=False) as bar:
-            time_updates(trials, problem.params, plan, settings.seed, bar)
+            if settings.time_updates:
+                time_updates(trials, problem.params, plan, settings.seed, bar)
             self._train(trials, problem, plan, bar)
         config = {
             **problem.config,
@@ -296,11 +318,74 @@ class TrainingTask:
             "num_params": num_params(problem.params),
             "device_peak_bytes": device_peak_bytes(),
         }
+        if calibration is not None:
+            config["calibration"] = calibration
         return {"config": config, "results": {t.name: t.record for t in trials}}
+
+    def calibrate(self, problem: Problem, plan: Plan, settings: Settings) -> Record:
+        """SlimAdam calibration, as the paper does it: ``optax.adamw`` at a tenth of the
+        task's *default* learning rate (constant; shared by every point of an lr sweep,
+        so the rules are the same for all of them) from the same initial params, on
+        batches of another seed, for ``settings.calibrate_steps`` steps, recording SNRs at
+        step 1 and every ``steps // 4`` (every 100 at the default 400 steps); rules from
+        the mean over the records (threshold 1). Cached per seed and size."""
+        key = (settings.seed, settings.quick, settings.calibrate_steps)
+        cache = self.__dict__.setdefault("_calibrations", {})
+        if key not in cache:
+            cache[key] = self._calibrate(problem, settings)
+        return cache[key]
+
+    def _calibrate(self, problem: Problem, settings: Settings) -> Record:
+        steps = settings.calibrate_steps
+        every = max(1, steps // 4)
+        lr = self.plan(dataclasses.replace(settings, lr=None)).lr / 10
+        tx = lowbit_optax.snr_calibration(
+            optax.adamw(lr, weight_decay=registry.WEIGHT_DECAY), every=every, max_records=8
+        )
+        batches = self.problem(dataclasses.replace(settings, seed=settings.seed + 1)).batches
+        params = _copy(problem.params)
+        state = tx.init(params)
+        step = jax.jit(_train_step(tx, problem.loss_fn), donate_argnums=(0, 1))
+        for _ in tqdm(range(steps), desc=f"{self.name} calibration", leave=False):
+            params, state, _ = step(params, state, jax.device_put(next(batches)))
+        records = lowbit_optax.snr_records(state)
+        rules = lowbit_optax.rules_from_snr(records)
+        flat = json.loads(lowbit_optax.rules_to_json(rules))
+        defaults = {
+            path: lowbit_optax.flax_default_rules(path, leaf)
+            for path, leaf in _paths(problem.params)
+        }
+        matrices = [p for p, leaf in _paths(problem.params) if leaf.ndim >= 2]
+        agree = [p for p in matrices if tuple(flat[p] or ()) == tuple(defaults[p] or ())]
+        mean_snr = {
+            path: {
+                ",".join(map(str, k)): float(np.nanmean([r[path][k] for r in records]))
+                for k in records[0][path]
+            }
+            for path in records[0]
+        }
+        return {
+            "steps": steps,
+            "lr": lr,
+            "every": every,
+            "records": len(records),
+            "rules_json": lowbit_optax.rules_to_json(rules),
+            "default_rules": {p: None if v is None else list(v) for p, v in defaults.items()},
+            "removed_fraction": lowbit_optax.removed_fraction(problem.params, rules),
+            "default_removed_fraction": lowbit_optax.removed_fraction(
+                problem.params, lowbit_optax.flax_default_rules
+            ),
+            "matrices": len(matrices),
+            "agree_with_defaults": len(agree),
+            "mean_snr": mean_snr,
+        }
 
     def _setup_train(self, trial: Trial, problem: Problem, batch: Batch) -> DonatedLoop:
         params = _copy(problem.params)
         state = trial.tx.init(params)
+        if trial.record["state_bytes"] is None:  # the update micro-benchmark was skipped
+            n, nbytes = num_params(params), state_bytes(state)
+            trial.record.update(state_bytes=nbytes, num_params=n, bytes_per_param=nbytes / n)
         compiled = _compile(_train_step(trial.tx, problem.loss_fn), params, state, batch)
         trial.record["compiled_bytes"] = compiled_bytes(compiled)
         trial.record["peak_bytes"] = device_peak_bytes()
@@ -481,23 +566,25 @@ class UpdateTask:
     """The optimizer update alone on large float32 matrices (~25M parameters)."""
 
     name = "update"
+    # named like Flax Linear layers, so per-layer rules (SlimAdam's flax_default_rules:
+    # kernels averaged over fan-out) apply as they would to a model
     shapes: ClassVar[dict[str, tuple[int, ...]]] = {
-        "w0": (4096, 1024),
-        "w1": (1024, 4096),
-        "w2": (2048, 2048),
-        "w3": (4096, 1024),
-        "w4": (1024, 4096),
-        "w5": (2048, 2048),
-        "b0": (4096,),
-        "b1": (1024,),
+        "w0/kernel": (4096, 1024),
+        "w1/kernel": (1024, 4096),
+        "w2/kernel": (2048, 2048),
+        "w3/kernel": (4096, 1024),
+        "w4/kernel": (1024, 4096),
+        "w5/kernel": (2048, 2048),
+        "b0/bias": (4096,),
+        "b1/bias": (1024,),
     }
     quick_shapes: ClassVar[dict[str, tuple[int, ...]]] = {
-        "w0": (1024, 256),
-        "w1": (256, 1024),
-        "w2": (512, 512),
-        "w3": (512, 512),
-        "b0": (1024,),
-        "b1": (256,),
+        "w0/kernel": (1024, 256),
+        "w1/kernel": (256, 1024),
+        "w2/kernel": (512, 512),
+        "w3/kernel": (512, 512),
+        "b0/bias": (1024,),
+        "b1/bias": (256,),
     }
 
     def plan(self, settings: Settings) -> Plan:
@@ -512,7 +599,10 @@ class UpdateTask:
         """Round-robin timing of the donated update on fixed random gradients."""
         plan = self.plan(settings)
         shapes = self.quick_shapes if settings.quick else self.shapes
-        abstract = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+        abstract: dict[str, Any] = {}
+        for path, shape in shapes.items():
+            layer, name = path.split("/")
+            abstract.setdefault(layer, {})[name] = jax.ShapeDtypeStruct(shape, jnp.float32)
         params0 = _random_like(abstract, settings.seed, scale=0.02)
         trials = _make_trials(optimizers, plan.lr)
         with tqdm(total=len(trials) * plan.rounds, desc=self.name, leave=False) as bar:
