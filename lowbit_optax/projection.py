@@ -1,0 +1,692 @@
+"""Low-rank gradient projection: one wrapper, three projectors (GaLore, COAP, SubTrack-Grad).
+
+``low_rank_projection(inner, rank=..., projector=...)`` runs any inner transform (Adam,
+quantized Adam, ...) on low-rank projections of the 2-D gradients and projects its
+updates back (Zhao et al. 2024, GaLore). For an ``(m, n)`` leaf the side is chosen
+statically from the shape: ``m >= n`` projects on the right (``P`` is ``r x n``, the inner
+state is ``m x r``), ``m < n`` on the left (``P`` is ``m x r``, the inner state
+``r x n``). Internally both cases are one: with ``K = min(m, n)``, ``M = max(m, n)`` and
+``Gk`` the gradient oriented ``K x M`` (``G.T`` on the right, ``G`` on the left), a
+projector is an orthonormal ``S`` of shape ``K x r``, the projected gradient is
+``A = S^T Gk`` (``r x M``; the inner transform sees ``A.T`` on the right, ``A`` on the
+left), and an inner update ``U`` returns as ``scale * S U`` (re-oriented). ``S`` is what
+the state stores (``P = S^T`` on the right, ``P = S`` on the left).
+
+Projectors are values (``projector=``), each with its own event schedule on the
+pre-increment step count ``t`` (``t = 0, T, 2T, ...``, ``T = update_interval``):
+
+* ``SVDProjector`` (GaLore): ``S`` = top-``r`` left singular vectors of ``Gk``, a full
+  float32 SVD at every event.
+* ``COAPProjector`` (Xiao et al.): a randomized range finder at ``t = 0``; every
+  ``T * reproject_factor`` steps the same warm-started from the old ``S`` (one block power
+  iteration); at the other events one SGD step on ``S`` of the paper's loss
+  ``L(S) = mean((S S^T Gk - Gk)**2) * (1 - mean_j cos(S Mk_j, Gk_j))`` (``Mk``: the inner
+  first moment in ``A``'s orientation; columns of ``Gk`` are the rows of ``G`` in the
+  paper's right case), gradient clipped to norm 1, learning rate 0.1, no
+  re-orthonormalisation. ``scale_aware=True`` evaluates the loss on ``Gk / rms(Gk)``:
+  at real gradient scales the paper's step is ~1e-11 (``L`` is mean-reduced and
+  quadratic in ``|G|``), see the notebook.
+* ``SubTrackProjector`` (Rajabi et al.): ``S`` from an SVD at ``t = 0``, then one
+  Grassmannian geodesic step per event along the descent direction of
+  ``F(S) = |Gk - S S^T Gk|^2``: ``A = S^T Gk``, ``R = Gk - S A``, tangent ``-2 R A^T``
+  with top singular triplet ``(sigma, u, v)``,
+  ``S <- (S v cos(theta) - u sin(theta)) v^T + S (I - v v^T)`` (keeps ``S``
+  orthonormal). **Decision:** ``theta = step_size * sigma / |Gk|_F**2`` (the paper's
+  ``eta * sigma`` scales with ``|G|**2``), and the math of the paper rather than the
+  official code (its tangent vanishes for ``m >= n``; it moved uphill).
+
+``moments``: what happens to the inner state when ``S`` changes: ``keep`` (GaLore, COAP),
+``reset`` (zero the inner ``mu``/``nu`` of that leaf) or ``rotate`` (SubTrack++: with
+``C = S_new^T S_old``, ``M <- C M``, ``V <- max(0, C**2 (V - M**2) + (C M)**2)``).
+``reset``/``rotate`` need an inner state with float ``mu`` and ``nu`` fields (e.g.
+``optax.scale_by_adam``).
+
+Robustness: a leaf whose gradient has a non-finite entry skips its projector update
+(the old ``S`` is kept); the SVD never sees NaN/inf.
+
+References:
+  Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection,
+  ICML 2024 (arXiv 2403.03507).
+  Xiao et al., COAP: Memory-Efficient Training with Correlation-Aware Gradient
+  Projection, arXiv 2412.00071.
+  Rajabi et al., SubTrack your Grad: Gradient Subspace Tracking for Memory and Time
+  Efficient Full-Parameter LLM Training, arXiv 2502.01586 (and SubTrack++).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowbit_optax._util import unflatten_like
+
+__all__ = [
+    "COAPProjector",
+    "LowRankProjectionState",
+    "SVDProjector",
+    "SubTrackProjector",
+    "coap_adamw",
+    "galore_adamw",
+    "low_rank_projection",
+    "subtrack_adamw",
+]
+
+MOMENTS = ("keep", "reset", "rotate")
+
+
+# ------------------------------------------------------------------------------------
+# Projectors: the math on one oriented gradient Gk (K x M, K <= M), S (K x r)
+# ------------------------------------------------------------------------------------
+
+
+def top_subspace(gk: jax.Array, r: int) -> jax.Array:
+    """Top-``r`` left singular vectors of ``gk`` (float32 SVD)."""
+    u, _, _ = jnp.linalg.svd(gk, full_matrices=False)
+    return u[:, :r]
+
+
+def range_finder(gk: jax.Array, sketch: jax.Array) -> jax.Array:
+    """One-pass randomized range finder: ``Q = qr(Gk Omega)``, then the SVD of the small
+    ``Q^T Gk`` rotates ``Q`` onto the top singular directions (Halko et al.)."""
+    q, _ = jnp.linalg.qr(gk @ sketch)
+    ub, _, _ = jnp.linalg.svd(q.T @ gk, full_matrices=False)
+    return q @ ub
+
+
+def coap_loss(s: jax.Array, gk: jax.Array, mk: jax.Array) -> jax.Array:
+    """COAP's projection loss ``mean((S S^T Gk - Gk)**2) * (1 - mean_j cos(S Mk_j, Gk_j))``
+    (columns ``j`` of ``Gk`` are the rows of ``G`` in the paper's right case)."""
+    err = s @ (s.T @ gk) - gk
+    a = s @ mk
+    na, ng = jnp.linalg.norm(a, axis=0), jnp.linalg.norm(gk, axis=0)
+    ok = (na > 0) & (ng > 0)
+    cos = jnp.where(ok, jnp.sum(a * gk, axis=0) / jnp.where(ok, na * ng, 1.0), 0.0)
+    return jnp.mean(err**2) * (1.0 - jnp.mean(cos))
+
+
+def coap_loss_grad(s: jax.Array, gk: jax.Array, mk: jax.Array) -> jax.Array:
+    """Analytic gradient of ``coap_loss`` with respect to ``S``.
+
+    ``mse = |E|^2 / (K M)`` with ``E = S S^T Gk - Gk`` has gradient
+    ``2 (E Gk^T S + Gk E^T S) / (K M)``; the mean cosine ``c = mean_j a_j.g_j / (|a_j||g_j|)``
+    with ``a_j = S m_j`` has gradient ``(1/M) (G~ - A~ diag(c)) Mk^T`` with columns
+    ``g_j / (|a_j||g_j|)`` and ``a_j / |a_j|^2``. (Tested against ``jax.grad``.)
+    """
+    k, m = gk.shape
+    err = s @ (s.T @ gk) - gk
+    mse = jnp.sum(err**2) / (k * m)
+    d_mse = 2.0 * (err @ (gk.T @ s) + gk @ (err.T @ s)) / (k * m)
+    a = s @ mk
+    na, ng = jnp.linalg.norm(a, axis=0), jnp.linalg.norm(gk, axis=0)
+    ok = (na > 0) & (ng > 0)
+    safe_na, safe_ng = jnp.where(ok, na, 1.0), jnp.where(ok, ng, 1.0)
+    cos = jnp.where(ok, jnp.sum(a * gk, axis=0) / (safe_na * safe_ng), 0.0)
+    d_a = jnp.where(ok, gk / (safe_na * safe_ng) - cos * a / safe_na**2, 0.0)
+    d_cos = d_a @ mk.T / m
+    return d_mse * (1.0 - jnp.mean(cos)) - mse * d_cos
+
+
+def geodesic_step(s: jax.Array, gk: jax.Array, step_size: float | jax.Array) -> jax.Array:
+    """One SubTrack step on the Grassmannian, downhill on ``|Gk - S S^T Gk|^2``, with the
+    scale-free angle ``step_size * sigma / |Gk|_F^2``. Keeps ``S`` orthonormal."""
+    a = s.T @ gk
+    resid = gk - s @ a
+    tangent = -2.0 * resid @ a.T  # Riemannian gradient of the loss, K x r
+    u, sig, vt = jnp.linalg.svd(tangent, full_matrices=False)
+    u1, s1, v1 = u[:, 0], sig[0], vt[0]
+    energy = jnp.sum(gk**2)
+    theta = jnp.where(energy > 0, step_size * s1 / jnp.where(energy > 0, energy, 1.0), 0.0)
+    sv = s @ v1
+    return jnp.outer(sv * jnp.cos(theta) - u1 * jnp.sin(theta), v1) + s - jnp.outer(sv, v1)
+
+
+class Projector:
+    """Interface of a projector value: ``refresh(s, gk, mk, count, interval, key) -> s``
+    computes the new ``S`` (``K x r``) at an event (``count % interval == 0``, count before
+    the increment) from the oriented float32 gradient ``gk`` (``K x M``), the inner first
+    moment ``mk`` in ``A``'s orientation (``r x M``; the projected gradient when the inner
+    state has none) and a PRNG key. ``count == 0`` is the first event: ``s`` is then the
+    placeholder ``init`` made (the first ``r`` columns of the identity)."""
+
+    def refresh(self, s, gk, mk, count, interval, key):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SVDProjector(Projector):
+    """GaLore: the top-``r`` singular subspace from a full float32 SVD at every event."""
+
+    def refresh(self, s, gk, mk, count, interval, key):
+        del mk, count, interval, key
+        return top_subspace(gk, s.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class COAPProjector(Projector):
+    """COAP: randomized range finder at ``t = 0``, warm-started recalibration every
+    ``update_interval * reproject_factor`` steps, one SGD step on ``S`` of the
+    correlation-aware loss at the other events.
+
+    Attributes:
+      reproject_factor: ``rho``; events between two recalibrations are SGD steps.
+      lr: SGD learning rate on ``S`` (paper: 0.1); the gradient is clipped to norm 1.
+      scale_aware: evaluate the loss on ``Gk / rms(Gk)`` and ``Mk / rms(Mk)`` so the
+        step does not vanish at small gradient scales (the paper's form: ``False``).
+      oversample: extra sketch columns of the range finder (``r + oversample`` kept to
+        ``r`` after the small SVD).
+    """
+
+    reproject_factor: int = 5
+    lr: float = 0.1
+    scale_aware: bool = False
+    oversample: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reproject_factor, int) or self.reproject_factor < 1:
+            raise ValueError(
+                f"reproject_factor must be a positive int, got {self.reproject_factor!r}"
+            )
+        if not isinstance(self.oversample, int) or self.oversample < 0:
+            raise ValueError(f"oversample must be a non-negative int, got {self.oversample!r}")
+
+    def p_step(self, s: jax.Array, gk: jax.Array, mk: jax.Array) -> jax.Array:
+        """One clipped SGD step on the COAP loss."""
+        if self.scale_aware:
+            rms = lambda x: jnp.sqrt(jnp.mean(x**2))
+            gk = gk / jnp.maximum(rms(gk), 1e-30)
+            mk = mk / jnp.maximum(rms(mk), 1e-30)
+        grad = coap_loss_grad(s, gk, mk)
+        norm = jnp.linalg.norm(grad)
+        grad = grad * jnp.minimum(1.0, 1.0 / jnp.maximum(norm, 1e-30))
+        return s - self.lr * grad
+
+    def refresh(self, s, gk, mk, count, interval, key):
+        r = s.shape[1]
+        width = min(r + self.oversample, gk.shape[0])
+
+        def first():
+            sketch = jax.random.normal(key, (gk.shape[1], width), jnp.float32)
+            return range_finder(gk, sketch)[:, :r]
+
+        def warm():  # one block power iteration from the old subspace
+            return range_finder(gk, gk.T @ s)[:, :r]
+
+        def step():
+            return self.p_step(s, gk, mk)
+
+        big = interval * self.reproject_factor
+        index = jnp.where(count == 0, 0, jnp.where(count % big == 0, 1, 2))
+        return jax.lax.switch(index, [first, warm, step])
+
+
+@dataclasses.dataclass(frozen=True)
+class SubTrackProjector(Projector):
+    """SubTrack-Grad: an SVD at ``t = 0``, then one Grassmannian geodesic step per event.
+
+    Attributes:
+      step_size: scale-free step; the rotation angle is ``step_size * sigma / |G|_F^2``
+        with ``sigma`` the top singular value of the tangent ``-2 R A^T``
+        (``sigma / |G|^2 <= 1``).
+    """
+
+    step_size: float = 1.0
+
+    def refresh(self, s, gk, mk, count, interval, key):
+        del mk, interval, key
+        return jax.lax.cond(
+            count == 0,
+            lambda: top_subspace(gk, s.shape[1]),
+            lambda: geodesic_step(s, gk, self.step_size),
+        )
+
+
+_NAMED = {
+    "svd": SVDProjector,
+    "galore": SVDProjector,
+    "coap": COAPProjector,
+    "subtrack": SubTrackProjector,
+}
+
+
+def _projector(p: Any) -> Projector:
+    if isinstance(p, Projector):
+        return p
+    if isinstance(p, str) and p in _NAMED:
+        return _NAMED[p]()
+    raise ValueError(
+        f"projector must be a Projector value (SVDProjector(), COAPProjector(...), "
+        f"SubTrackProjector(...)) or one of {sorted(_NAMED)}, got {p!r}"
+    )
+
+
+# ------------------------------------------------------------------------------------
+# The wrapper
+# ------------------------------------------------------------------------------------
+
+
+class LowRankProjectionState(NamedTuple):
+    """State of ``low_rank_projection``.
+
+    Attributes:
+      count: int32 steps taken.
+      key: raw ``uint32`` PRNG key data (randomized range finder), folded with the step.
+      projectors: tree like the params: ``S`` (``K x r``, ``proj_dtype``) for projected
+        leaves, ``MaskedNode`` for the others.
+      inner_state: the inner transform's state on the projected tree (projected leaves
+        in their low-rank shape: ``m x r`` on the right, ``r x n`` on the left).
+    """
+
+    count: jax.Array
+    key: jax.Array
+    projectors: Any
+    inner_state: optax.OptState
+
+
+class _Leaf(NamedTuple):
+    """Static layout of one leaf: projected or not, the 2-D view and the rank."""
+
+    projected: bool
+    shape: tuple[int, ...]
+    m: int = 0
+    n: int = 0
+    rank: int = 0
+
+    @property
+    def right(self) -> bool:
+        return self.m >= self.n
+
+    @property
+    def k(self) -> int:
+        return min(self.m, self.n)
+
+    @property
+    def big(self) -> int:
+        return max(self.m, self.n)
+
+    @property
+    def low_shape(self) -> tuple[int, int]:
+        return (self.m, self.rank) if self.right else (self.rank, self.n)
+
+
+def _plan(shape, selected, rank, min_dim, reshape) -> _Leaf:
+    shape = tuple(shape)
+    if not selected or len(shape) < 2 or (len(shape) > 2 and not reshape):
+        return _Leaf(False, shape)
+    m, n = math.prod(shape[:-1]), shape[-1]
+    if min(m, n) < min_dim:
+        return _Leaf(False, shape)
+    k = min(m, n)
+    r = rank if isinstance(rank, int) else max(1, round(rank * k))
+    return _Leaf(True, shape, m, n, min(r, k))
+
+
+def _orient(g: jax.Array, leaf: _Leaf) -> jax.Array:
+    """The float32 ``K x M`` view of a gradient."""
+    g2 = g.reshape(leaf.m, leaf.n).astype(jnp.float32)
+    return g2.T if leaf.right else g2
+
+
+def _to_a(x: jax.Array, leaf: _Leaf) -> jax.Array:
+    """An inner-state/low-rank array (low shape) in ``A``'s ``r x M`` orientation."""
+    return x.T if leaf.right else x
+
+
+def low_rank_projection(
+    inner: optax.GradientTransformation,
+    *,
+    rank: int | float,
+    projector: Projector | str = "svd",
+    update_interval: int = 200,
+    scale: float = 0.25,
+    min_dim: int = 128,
+    mask: optax.MaskOrFn = None,
+    moments: str = "keep",
+    proj_dtype: Any = jnp.float32,
+    reshape: bool = True,
+    recover: bool = False,
+    key: int = 0,
+) -> optax.GradientTransformation:
+    """Runs ``inner`` on low-rank projections of the large 2-D gradients.
+
+    Args:
+      inner: any transform (e.g. ``optax.scale_by_adam()``, a quantized Adam). It gets
+        ``params=None`` (keep weight decay outside, after this wrapper).
+      rank: an int, or a float in (0, 1] as a fraction of ``min(m, n)``.
+      projector: ``SVDProjector()`` (GaLore), ``COAPProjector(...)``,
+        ``SubTrackProjector(...)``, or their names.
+      update_interval: ``T``, steps between projector events (on the step count before
+        the increment: ``t = 0, T, 2T, ...``).
+      scale: ``alpha``, the factor on back-projected updates (0.25 in the papers).
+      min_dim: leaves with ``min(m, n) < min_dim`` are not projected.
+      mask: optax mask (tree or callable) of leaves that may be projected.
+      moments: ``keep``, ``reset`` or ``rotate`` the inner moments when ``S`` changes.
+      proj_dtype: storage dtype of ``S`` (``float32`` or ``bfloat16``); math in float32.
+      reshape: leaves of rank > 2 are viewed as ``(prod(shape[:-1]), shape[-1])`` (e.g.
+        a conv kernel ``(h, w, in, out)`` as ``(h w in, out)``); ``False`` leaves them
+        unprojected.
+      recover: add back the discarded gradient ``Gk - S A`` scaled by
+        ``|U| / |A|`` (Fira-style recovery, SubTrack++'s option).
+      key: seed of the randomized range finder (COAP).
+
+    Returns:
+      An ``optax.GradientTransformation``; updates in the gradients' dtype.
+
+    Memory per projected ``(m, n)`` leaf: ``K r`` for ``S`` (in ``proj_dtype``) plus the
+    inner state on ``m r`` (right) or ``r n`` (left) values instead of ``m n``.
+    """
+    proj = _projector(projector)
+    if moments not in MOMENTS:
+        raise ValueError(f"moments must be one of {MOMENTS}, got {moments!r}")
+    if not isinstance(update_interval, int) or update_interval < 1:
+        raise ValueError(f"update_interval must be a positive int, got {update_interval!r}")
+    if isinstance(rank, bool) or not (
+        (isinstance(rank, int) and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)
+    ):
+        raise ValueError(
+            f"rank must be a positive int or a fraction in (0, 1] of min(m, n), got {rank!r}"
+        )
+    if jnp.dtype(proj_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"proj_dtype must be float32 or bfloat16, got {proj_dtype!r}")
+    if not isinstance(min_dim, int) or min_dim < 1:
+        raise ValueError(f"min_dim must be a positive int, got {min_dim!r}")
+
+    def plans(tree: Any) -> list[_Leaf]:
+        leaves = jax.tree.leaves(tree)
+        if mask is None:
+            selected = [True] * len(leaves)
+        else:
+            m = mask(tree) if callable(mask) else mask
+            selected = [bool(x) for x in jax.tree.structure(tree).flatten_up_to(m)]
+        return [
+            _plan(x.shape, sel, rank, min_dim, reshape)
+            for x, sel in zip(leaves, selected, strict=True)
+        ]
+
+    def low_tree(tree: Any, values: list[Any]) -> Any:
+        return unflatten_like(tree, values)
+
+    def init_fn(params: optax.Params) -> LowRankProjectionState:
+        leaves = jax.tree.leaves(params)
+        layout = plans(params)
+        low = [
+            jnp.zeros(lf.low_shape, x.dtype) if lf.projected else x
+            for x, lf in zip(leaves, layout, strict=True)
+        ]
+        inner_state = inner.init(low_tree(params, low))
+        if moments != "keep":
+            _float_moments(inner_state, what=f"moments={moments!r}")
+        s = [
+            jnp.eye(lf.k, lf.rank, dtype=proj_dtype) if lf.projected else optax.MaskedNode()
+            for lf in layout
+        ]
+        return LowRankProjectionState(
+            jnp.zeros([], jnp.int32),
+            jax.random.key_data(jax.random.key(key)).astype(jnp.uint32),
+            low_tree(params, s),
+            inner_state,
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = state.count
+        leaves, treedef = jax.tree.flatten(updates)
+        layout = plans(updates)
+        s_old = treedef.flatten_up_to(state.projectors)
+        event = count % update_interval == 0
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), count)
+        mus = _inner_mu(state.inner_state, treedef)
+
+        new_s, changed, low = [], [], []
+        for i, (g, lf, s) in enumerate(zip(leaves, layout, s_old, strict=True)):
+            if not lf.projected:
+                new_s.append(s)
+                changed.append(None)
+                low.append(g)
+                continue
+            gk = _orient(g, lf)
+            s32 = s.astype(jnp.float32)
+            mk = _to_a(mus[i].astype(jnp.float32), lf) if mus is not None else s32.T @ gk
+            ok = event & jnp.all(jnp.isfinite(gk))
+            key_i = jax.random.fold_in(step_key, i)
+            s_new = jax.lax.cond(
+                ok,
+                lambda s32=s32, gk=gk, mk=mk, key_i=key_i: proj.refresh(
+                    s32, gk, mk, count, update_interval, key_i
+                ).astype(jnp.float32),
+                lambda s32=s32: s32,
+            )
+            new_s.append(s_new)
+            changed.append(ok)
+            a = s_new.T @ gk
+            low.append((a.T if lf.right else a).astype(g.dtype))
+
+        inner_state = state.inner_state
+        if moments != "keep":
+            inner_state = _adjust_moments(
+                inner_state, treedef, layout, s_old, new_s, changed, moments
+            )
+        low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None)
+        out = []
+        for g, lf, u, s_new in zip(
+            leaves, layout, treedef.flatten_up_to(low_updates), new_s, strict=True
+        ):
+            if not lf.projected:
+                out.append(u)
+                continue
+            ua = _to_a(u.astype(jnp.float32), lf)
+            full = s_new @ ua
+            if recover:
+                gk = _orient(g, lf)
+                a = s_new.T @ gk
+                resid = gk - s_new @ a
+                na = jnp.linalg.norm(a)
+                phi = jnp.where(na > 0, jnp.linalg.norm(ua) / jnp.where(na > 0, na, 1.0), 0.0)
+                full = full + phi * resid
+            full = full.T if lf.right else full
+            out.append((scale * full).reshape(lf.shape).astype(g.dtype))
+        projectors = treedef.unflatten(
+            [
+                s if not lf.projected else s.astype(proj_dtype)
+                for s, lf in zip(new_s, layout, strict=True)
+            ]
+        )
+        return treedef.unflatten(out), LowRankProjectionState(
+            optax.safe_increment(count), state.key, projectors, inner_state
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _float_moments(inner_state: Any, what: str) -> None:
+    for name in ("mu", "nu"):
+        found = optax.tree_utils.tree_get_all_with_path(inner_state, name)
+        if len(found) != 1:
+            raise ValueError(
+                f"{what} needs an inner state with exactly one float '{name}' field "
+                f"(e.g. optax.scale_by_adam); found {len(found)}. Use moments='keep' with "
+                "this inner transform."
+            )
+
+
+def _inner_mu(inner_state: Any, treedef: Any) -> list[Any] | None:
+    """The inner first moment per leaf, if the inner state has one float ``mu`` tree."""
+    found = optax.tree_utils.tree_get_all_with_path(inner_state, "mu")
+    if len(found) != 1:
+        return None
+    try:
+        leaves = treedef.flatten_up_to(found[0][1])
+    except (ValueError, TypeError):
+        return None
+    if not all(isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) for x in leaves):
+        return None
+    return leaves
+
+
+def _adjust_moments(inner_state, treedef, layout, s_old, s_new, changed, moments):
+    mu = treedef.flatten_up_to(optax.tree_utils.tree_get(inner_state, "mu"))
+    nu = treedef.flatten_up_to(optax.tree_utils.tree_get(inner_state, "nu"))
+    new_mu, new_nu = [], []
+    for lf, m, v, so, sn, ch in zip(layout, mu, nu, s_old, s_new, changed, strict=True):
+        if not lf.projected:
+            new_mu.append(m)
+            new_nu.append(v)
+            continue
+        ma, va = _to_a(m.astype(jnp.float32), lf), _to_a(v.astype(jnp.float32), lf)
+        if moments == "reset":
+            m2, v2 = jnp.zeros_like(ma), jnp.zeros_like(va)
+        else:
+            c = sn.T @ so.astype(jnp.float32)
+            m2 = c @ ma
+            v2 = jnp.maximum(0.0, (c**2) @ (va - ma**2) + m2**2)
+        m2 = jnp.where(ch, m2, ma)
+        v2 = jnp.where(ch, v2, va)
+        new_mu.append(_to_a(m2, lf).astype(m.dtype))  # A orientation is its own inverse
+        new_nu.append(_to_a(v2, lf).astype(v.dtype))
+    return optax.tree_utils.tree_set(
+        inner_state, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu)
+    )
+
+
+# ------------------------------------------------------------------------------------
+# Aliases
+# ------------------------------------------------------------------------------------
+
+
+def _adamw(projected, learning_rate, weight_decay, mask):
+    return optax.chain(
+        projected,
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 1e-4,
+    mask: optax.MaskOrFn = None,
+    *,
+    rank: int | float = 0.25,
+    update_interval: int = 200,
+    scale: float = 0.25,
+    min_dim: int = 128,
+    proj_dtype: Any = jnp.float32,
+    projection_mask: optax.MaskOrFn = None,
+) -> optax.GradientTransformation:
+    """GaLore AdamW: Adam on SVD-projected gradients (projector refreshed every 200 steps,
+    moments kept), weight decay and learning rate outside the projection.
+
+    References:
+      Zhao et al., GaLore, ICML 2024 (arXiv 2403.03507).
+    """
+    return _adamw(
+        low_rank_projection(
+            optax.scale_by_adam(b1, b2, eps),
+            rank=rank,
+            projector=SVDProjector(),
+            update_interval=update_interval,
+            scale=scale,
+            min_dim=min_dim,
+            mask=projection_mask,
+            proj_dtype=proj_dtype,
+        ),
+        learning_rate,
+        weight_decay,
+        mask,
+    )
+
+
+def coap_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 1e-4,
+    mask: optax.MaskOrFn = None,
+    *,
+    rank: int | float = 0.25,
+    update_interval: int = 32,
+    reproject_factor: int = 5,
+    scale: float = 0.25,
+    scale_aware: bool = True,
+    min_dim: int = 128,
+    proj_dtype: Any = jnp.float32,
+    projection_mask: optax.MaskOrFn = None,
+    inner: optax.GradientTransformation | None = None,
+    key: int = 0,
+) -> optax.GradientTransformation:
+    """COAP AdamW: correlation-aware projection updates (every 32 steps; recalibration
+    every 160), moments kept. **Decision:** ``scale_aware=True`` by default, since the
+    paper's P step is numerically a no-op at real gradient scales (``False`` restores
+    it). ``inner`` replaces the inner Adam (e.g. 8-bit moments, the 8-bit COAP recipe).
+
+    References:
+      Xiao et al., COAP, arXiv 2412.00071.
+    """
+    return _adamw(
+        low_rank_projection(
+            inner if inner is not None else optax.scale_by_adam(b1, b2, eps),
+            rank=rank,
+            projector=COAPProjector(reproject_factor, scale_aware=scale_aware),
+            update_interval=update_interval,
+            scale=scale,
+            min_dim=min_dim,
+            mask=projection_mask,
+            proj_dtype=proj_dtype,
+            key=key,
+        ),
+        learning_rate,
+        weight_decay,
+        mask,
+    )
+
+
+def subtrack_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 1e-4,
+    mask: optax.MaskOrFn = None,
+    *,
+    rank: int | float = 0.25,
+    update_interval: int = 50,
+    step_size: float = 1.0,
+    scale: float = 0.25,
+    moments: str = "rotate",
+    recover: bool = False,
+    min_dim: int = 128,
+    proj_dtype: Any = jnp.float32,
+    projection_mask: optax.MaskOrFn = None,
+) -> optax.GradientTransformation:
+    """SubTrack++ AdamW: Grassmannian subspace tracking every 50 steps, Adam moments
+    rotated into the new subspace at each change, optional recovery of the discarded
+    gradient.
+
+    References:
+      Rajabi et al., SubTrack your Grad, arXiv 2502.01586 (and SubTrack++).
+    """
+    return _adamw(
+        low_rank_projection(
+            optax.scale_by_adam(b1, b2, eps),
+            rank=rank,
+            projector=SubTrackProjector(step_size),
+            update_interval=update_interval,
+            scale=scale,
+            min_dim=min_dim,
+            mask=projection_mask,
+            moments=moments,
+            proj_dtype=proj_dtype,
+            recover=recover,
+        ),
+        learning_rate,
+        weight_decay,
+        mask,
+    )
