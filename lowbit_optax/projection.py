@@ -103,9 +103,10 @@ def coap_loss(s: jax.Array, gk: jax.Array, mk: jax.Array) -> jax.Array:
     (columns ``j`` of ``Gk`` are the rows of ``G`` in the paper's right case)."""
     err = s @ (s.T @ gk) - gk
     a = s @ mk
-    na, ng = jnp.linalg.norm(a, axis=0), jnp.linalg.norm(gk, axis=0)
-    ok = (na > 0) & (ng > 0)
-    cos = jnp.where(ok, jnp.sum(a * gk, axis=0) / jnp.where(ok, na * ng, 1.0), 0.0)
+    sa, sg = jnp.sum(a**2, axis=0), jnp.sum(gk**2, axis=0)
+    ok = (sa > 0) & (sg > 0)  # a zero column has cosine 0 (and a finite gradient)
+    norms = jnp.sqrt(jnp.where(ok, sa, 1.0)) * jnp.sqrt(jnp.where(ok, sg, 1.0))
+    cos = jnp.where(ok, jnp.sum(a * gk, axis=0) / norms, 0.0)
     return jnp.mean(err**2) * (1.0 - jnp.mean(cos))
 
 

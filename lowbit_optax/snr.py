@@ -173,15 +173,18 @@ class SNRCalibrationState(NamedTuple):
     Attributes:
       inner_state: the wrapped optimizer's state.
       count: int32 steps taken.
-      num_records: int32 records taken (the last ``max_records`` are kept).
+      num_records: int32 records taken (the last ``max_records`` are kept, a ring).
+      steps: int32 ``(max_records,)``, the step of each ring slot's record (0: empty).
       records: tree shaped like the params; per leaf a float32 ``(max_records,
-        len(candidate_axes(ndim)))`` array of SNRs (NaN where not yet recorded);
-        ``MaskedNode`` for scalar leaves.
+        len(candidate_axes(ndim)))`` array of SNRs, stored finite: -1 for undefined
+        (``nan``; also empty slots), float32 max for ``inf``; ``MaskedNode`` for scalar
+        leaves. ``snr_records`` decodes them.
     """
 
     inner_state: optax.OptState
     count: jax.Array
     num_records: jax.Array
+    steps: jax.Array
     records: Any
 
 
@@ -242,7 +245,11 @@ def snr_calibration(
         inner_state = inner.init(params)
         nu = _find_nu(inner_state)
         return SNRCalibrationState(
-            inner_state, jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), records_like(nu)
+            inner_state,
+            jnp.zeros([], jnp.int32),
+            jnp.zeros([], jnp.int32),
+            jnp.zeros([max_records], jnp.int32),
+            records_like(nu),
         )
 
     def update_fn(updates, state, params=None):
@@ -263,8 +270,9 @@ def snr_calibration(
             )
 
         records = jax.lax.cond(take, record, lambda r: r, state.records)
+        steps = jnp.where(take, state.steps.at[row].set(count), state.steps)
         num = state.num_records + take.astype(jnp.int32)
-        return updates, SNRCalibrationState(inner_state, count, num, records)
+        return updates, SNRCalibrationState(inner_state, count, num, steps, records)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -282,9 +290,13 @@ def _decode_snr(x: np.ndarray) -> np.ndarray:
     return np.where(x < 0, np.nan, np.where(x >= _F32_MAX, np.inf, x))
 
 
-def snr_records(opt_state: Any) -> list[Table]:
+def snr_records(opt_state: Any, *, with_steps: bool = False) -> Any:
     """The SNR tables recorded by ``snr_calibration`` (oldest first), read from its
-    state or from any optimizer state containing it."""
+    state or from any optimizer state containing it.
+
+    With ``with_steps=True`` returns ``(steps, tables)``, ``steps`` the step of each
+    record. (The step-1 record reflects a single gradient's square and has low SNRs;
+    ``rules_from_snr(tables[1:])`` leaves it out.)"""
     states = [
         s
         for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SNRCalibrationState))
@@ -296,18 +308,16 @@ def snr_records(opt_state: Any) -> list[Table]:
             "snr_calibration(...) to record SNR tables"
         )
     state = states[0]
-    num, size = int(state.num_records), None
+    num, size = int(state.num_records), int(state.steps.shape[0])
+    slot_steps = np.asarray(jax.device_get(state.steps))
     rows: list[tuple[str, np.ndarray, int]] = []
     for path, r in _with_paths(state.records, is_leaf=lambda x: isinstance(x, optax.MaskedNode)):
         if isinstance(r, optax.MaskedNode):
             rows.append((path, np.zeros((0, 0)), 0))
             continue
         arr = _decode_snr(jax.device_get(r))
-        size = arr.shape[0]
         ndim = next(d for d in range(1, 64) if len(candidate_axes(d)) == arr.shape[1])
         rows.append((path, arr, ndim))
-    if size is None:
-        return []
     order = [i % size for i in range(max(0, num - size), num)]
     tables = []
     for i in order:
@@ -316,6 +326,8 @@ def snr_records(opt_state: Any) -> list[Table]:
             cands = candidate_axes(ndim)
             table[path] = {k: float(arr[i, j]) for j, k in enumerate(cands)}
         tables.append(table)
+    if with_steps:
+        return [int(slot_steps[i]) for i in order], tables
     return tables
 
 
@@ -544,7 +556,7 @@ class ScaleBySlimAdamState(NamedTuple):
       mu_scales: per-block scales of quantized ``mu`` leaves, else ``MaskedNode``.
       nu: second moment reduced with ``keepdims`` over each leaf's axes (the params'
         dtype), or, when ``nu_bits`` is set and it has ``min_size`` elements, the codes
-        of that array with its averaged (size-1) axes squeezed out.
+        of that array laid out as ``(1, ..., 1, size)`` (blocks along its values).
       nu_scales: per-block scales of quantized ``nu`` leaves, else ``MaskedNode``.
     """
 
@@ -560,10 +572,10 @@ def _reduced_shape(shape: tuple[int, ...], axes: Axes) -> tuple[int, ...]:
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape a quantized reduced ``nu`` is stored in: averaged (size-1) axes dropped,
-    so blocks run along a real axis (a ``(vocab, 1)`` column is not padded to ``(vocab,
-    128)``)."""
-    return tuple(d for d in shape if d != 1) or (1,)
+    """The shape a quantized reduced ``nu`` is stored in: all its values along the last
+    axis, the rank kept (a ``(vocab, 1)`` column becomes ``(1, vocab)``, so its blocks run
+    along real data instead of padding each single value to a block)."""
+    return (1,) * (len(shape) - 1) + (math.prod(shape),) if shape else (1,)
 
 
 def _mean_sq(g: jax.Array, axes: Axes) -> jax.Array:
@@ -669,8 +681,10 @@ def scale_by_slim_adam(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Memory per parameter: ``mu`` 4 bytes (``mu_bits``: ``mu_bits/8 + 4/block_size``)
-    plus ``nu`` 4 bytes times the kept fraction ``prod(reduced shape) / size``.
+    Memory per parameter: ``mu`` 4 bytes (``mu_bits``: ``mu_bits/8 + 4/block_size`` per
+    padded element: a last axis shorter than ``block_size`` is padded to a full block,
+    so narrow layers want a smaller ``block_size``) plus ``nu`` 4 bytes times the kept
+    fraction ``prod(reduced shape) / size``.
 
     Example:
       >>> import jax.numpy as jnp, optax

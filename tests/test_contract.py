@@ -291,6 +291,8 @@ def _slim_bytes(
         # float moments: mu in the param dtype (float32 beside a quantized codec), nu in
         # the param dtype
         mu_item = 4 if mu_bits is not None else _itemsize(x)
+        if nu_bits is not None:  # a quantized reduced nu is laid out as (1, ..., 1, size)
+            reduced = (1,) * (len(reduced) - 1) + (math.prod(reduced),)
         total += moment(x.shape, mu_bits, mu_item) + moment(reduced, nu_bits, _itemsize(x))
     return total
 
@@ -314,10 +316,10 @@ def _calibration_lr(learning_rate, every=3, max_records=4):
 
 
 def _calibration_bytes(params: Any, max_records: int = 4) -> int:
-    """optax.adamw's state + int32 count and record counter + float32 SNR records
-    (max_records x number of non-empty axis subsets) per leaf of rank >= 1."""
+    """optax.adamw's state + int32 count, record counter and record steps + float32 SNR
+    records (max_records x number of non-empty axis subsets) per leaf of rank >= 1."""
     records = sum(4 * max_records * (2**x.ndim - 1) for x in jax.tree.leaves(params) if x.ndim)
-    return _adamw_bytes(params) + 8 + records
+    return _adamw_bytes(params) + 8 + 4 * max_records + records
 
 
 REGISTRY += [

@@ -420,6 +420,8 @@ def test_calibration_records_the_adam_state_snr_at_the_right_steps():
     assert int(cstate.num_records) == 3
     records = lo.snr_records(cstate)
     assert len(records) == 2  # ring of 2: the records of steps 4 and 8
+    steps, tables = lo.snr_records(cstate, with_steps=True)
+    assert steps == [4, 8] and tables == records
     for rec, nu in zip(records, snaps[1:], strict=True):
         for axes, value in rec["w"].items():
             np.testing.assert_allclose(value, snr_ref(nu["w"], axes), rtol=1e-4)
@@ -500,9 +502,9 @@ def test_quantized_reduced_nu_and_bytes():
     state = tx.init(params)
     assert state.nu["w"].dtype == jnp.uint8  # a column of 512 >= min_size: quantized
     # mu: 512 rows x 1 block (64 values padded to 128) x (64 B of 4-bit codes + 4 B
-    # scale); nu: the (512, 1) column stored squeezed, 4 blocks x (128 B codes + 4 B
+    # scale); nu: the (512, 1) column stored as (1, 512), 4 blocks x (128 B codes + 4 B
     # scale); count 4
-    assert state.nu["w"].shape == (512,)
+    assert state.nu["w"].shape == (1, 512) and state.nu_scales["w"].shape == (1, 4)
     assert lo.state_bytes(state) == 4 + 512 * (64 + 4) + 4 * (128 + 4)
     grads = _grads(params, 5)
     p, _s = _run(optax.chain(tx, optax.scale_by_learning_rate(1e-3)), params, grads)

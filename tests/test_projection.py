@@ -1,0 +1,369 @@
+"""Low-rank projection (lowbit_optax.projection): identities, projectors, moments, robustness.
+
+References are float64 numpy linear algebra and ``jax.grad`` of the written-out loss.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lowbit_optax import projection as pj
+
+SIDES = [(96, 48), (48, 96)]  # m >= n (right) and m < n (left)
+
+
+def _g(shape, seed=0, scale=1.0):
+    return scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _orient64(g: np.ndarray) -> np.ndarray:
+    g = np.asarray(g, np.float64)
+    return g.T if g.shape[0] >= g.shape[1] else g
+
+
+def _captured(s: np.ndarray, gk: np.ndarray) -> float:
+    """Fraction of the gradient energy inside span(S)."""
+    s, gk = np.asarray(s, np.float64), np.asarray(gk, np.float64)
+    return float(np.sum((s.T @ gk) ** 2) / np.sum(gk**2))
+
+
+# --------------------------------------------------------------------------------------
+# Identities
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SIDES)
+@pytest.mark.parametrize(
+    "projector", [pj.SVDProjector(), pj.COAPProjector(), pj.SubTrackProjector()]
+)
+def test_full_rank_projected_sgd_equals_sgd(shape, projector):
+    params = {"w": jnp.zeros(shape)}
+    k = min(shape)
+    tx = optax.chain(
+        pj.low_rank_projection(
+            optax.identity(),
+            rank=k,
+            projector=projector,
+            scale=1.0,
+            min_dim=1,
+            update_interval=3,
+        ),
+        optax.scale(-0.1),
+    )
+    ref = optax.sgd(0.1)
+    state, ref_state = tx.init(params), ref.init(params)
+    for i in range(7):
+        g = {"w": _g(shape, i)}
+        u, state = tx.update(g, state)
+        r, ref_state = ref.update(g, ref_state)
+        np.testing.assert_allclose(u["w"], r["w"], atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", SIDES)
+def test_projection_and_back_projection_identities(shape):
+    g = _g(shape, 1)
+    r = 12
+    tx = pj.low_rank_projection(optax.identity(), rank=r, scale=1.0, min_dim=1)
+    state = tx.init({"w": g})
+    u, state = tx.update({"w": g}, state)
+    s = np.asarray(state.projectors["w"], np.float64)  # K x r
+    k = min(shape)
+    assert s.shape == (k, r)
+    np.testing.assert_allclose(s.T @ s, np.eye(r), atol=1e-5)
+    gk = _orient64(g)
+    # identity inner: the update is the orthogonal projection S S^T Gk, re-oriented
+    want = s @ (s.T @ gk)
+    want = want.T if shape[0] >= shape[1] else want
+    np.testing.assert_allclose(u["w"], want, atol=1e-5)
+    # the inner transform saw the low-rank shape (m x r right, r x n left)
+    low_seen = {}
+    spy = optax.GradientTransformation(
+        lambda p: optax.EmptyState(),
+        lambda u, s, p=None: (low_seen.setdefault("shape", u["w"].shape) and u, s),
+    )
+    tx2 = pj.low_rank_projection(spy, rank=r, min_dim=1)
+    tx2.update({"w": g}, tx2.init({"w": g}))
+    assert low_seen["shape"] == ((shape[0], r) if shape[0] >= shape[1] else (r, shape[1]))
+    # projecting the back-projection of a low-rank array gives it back
+    a = np.random.default_rng(0).standard_normal((r, max(shape)))
+    np.testing.assert_allclose(s.T @ (s @ a), a, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SIDES)
+def test_svd_projector_spans_the_top_singular_subspace(shape):
+    rng = np.random.default_rng(2)
+    u0, _ = np.linalg.qr(rng.standard_normal((shape[0], shape[0])))
+    v0, _ = np.linalg.qr(rng.standard_normal((shape[1], shape[1])))
+    sv = np.geomspace(10.0, 0.01, min(shape))
+    g = (u0[:, : len(sv)] * sv) @ v0[:, : len(sv)].T
+    r = 8
+    s = np.asarray(pj.top_subspace(jnp.asarray(_orient64(g), jnp.float32), r), np.float64)
+    uref = np.linalg.svd(_orient64(g))[0][:, :r]
+    cosines = np.linalg.svd(s.T @ uref, compute_uv=False)  # cosines of principal angles
+    np.testing.assert_allclose(cosines, 1.0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# SubTrack
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SIDES)
+def test_subtrack_keeps_s_orthonormal_over_1000_steps(shape):
+    k, r = min(shape), 8
+    s0 = pj.top_subspace(_orient64(_g(shape, 3)).astype(np.float32), r)
+
+    def body(i, s):
+        gk = jnp.asarray(_orient_jax(_g(shape, 0) + jnp.sin(i * 0.01) * _g(shape, 1)))
+        return pj.geodesic_step(s, gk, 1.0)
+
+    s = jax.jit(lambda s: jax.lax.fori_loop(0, 1000, body, s))(jnp.asarray(s0))
+    err = float(jnp.max(jnp.abs(s.T @ s - jnp.eye(r))))
+    assert s.shape == (k, r) and err < 1e-5, err
+
+
+def _orient_jax(g):
+    return g.T if g.shape[0] >= g.shape[1] else g
+
+
+def _drifting(shape, steps, rank=4, seed=0):
+    """Low-rank gradients whose column space rotates slowly (in Gk orientation)."""
+    rng = np.random.default_rng(seed)
+    k, m = min(shape), max(shape)
+    basis, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    gen = rng.standard_normal((k, k)) * 0.002  # about 0.02 rad per step
+    rot = np.linalg.matrix_power(np.eye(k) + gen - gen.T, 1)
+    out = []
+    b = basis[:, :rank]
+    for _ in range(steps):
+        b, _ = np.linalg.qr(rot @ b)
+        gk = b @ rng.standard_normal((rank, m)) + 0.01 * rng.standard_normal((k, m))
+        out.append(gk.T if shape[0] >= shape[1] else gk)  # back to the (m, n) layout
+    return out
+
+
+@pytest.mark.parametrize("shape", SIDES)
+def test_subtrack_tracks_a_drifting_subspace(shape):
+    grads = _drifting(shape, 60)
+    r = 4
+    tx = pj.low_rank_projection(
+        optax.identity(),
+        rank=r,
+        projector=pj.SubTrackProjector(1.0),
+        update_interval=1,
+        min_dim=1,
+    )
+    frozen = pj.low_rank_projection(
+        optax.identity(), rank=r, projector="svd", update_interval=10**6, min_dim=1
+    )
+    g0 = {"w": jnp.asarray(grads[0], jnp.float32)}
+    st, sf = tx.init(g0), frozen.init(g0)
+    upd, updf = jax.jit(tx.update), jax.jit(frozen.update)
+    tracked, fixed = [], []
+    for g in grads:
+        gk = _orient64(g)
+        _, st = upd({"w": jnp.asarray(g, jnp.float32)}, st)
+        _, sf = updf({"w": jnp.asarray(g, jnp.float32)}, sf)
+        tracked.append(_captured(st.projectors["w"], gk))
+        fixed.append(_captured(sf.projectors["w"], gk))
+    # the fixed subspace loses the drifting gradient; tracking keeps most of its energy
+    assert fixed[-1] < 0.7 * fixed[0]
+    assert np.mean(tracked[-10:]) > 0.9, tracked[-10:]
+    assert np.mean(tracked[-10:]) > np.mean(fixed[-10:]) + 0.2
+    # and every single step moves downhill (captures at least as much of that gradient)
+    s = jnp.asarray(pj.top_subspace(jnp.asarray(_orient64(grads[0]), jnp.float32), r))
+    for g in grads[1:20]:
+        gk = jnp.asarray(_orient64(g), jnp.float32)
+        s2 = pj.geodesic_step(s, gk, 0.5)
+        assert _captured(s2, gk) >= _captured(s, gk) - 1e-6
+        s = s2
+
+
+def test_subtrack_step_is_invariant_to_the_gradient_scale():
+    g = _orient_jax(_g((64, 32), 5))
+    s = pj.top_subspace(_orient_jax(_g((64, 32), 6)), 4)
+    a = pj.geodesic_step(s, g, 0.5)
+    b = pj.geodesic_step(s, 1e-4 * g, 0.5)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Moments
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SIDES)
+def test_moment_rotation_matches_float64_formula(shape):
+    r = 6
+    tx = pj.low_rank_projection(
+        optax.scale_by_adam(),
+        rank=r,
+        projector=pj.SVDProjector(),
+        update_interval=2,
+        moments="rotate",
+        min_dim=1,
+    )
+    g0, g1, g2 = (_g(shape, i) for i in (10, 11, 12))
+    state = tx.init({"w": g0})
+    _, state = tx.update({"w": g0}, state)  # t=0: S0 from g0
+    _, state = tx.update({"w": g1}, state)  # t=1: no event
+    s_old = np.asarray(state.projectors["w"], np.float64)
+    mu = np.asarray(state.inner_state.mu["w"], np.float64)
+    nu = np.asarray(state.inner_state.nu["w"], np.float64)
+    _, state = tx.update({"w": g2}, state)  # t=2: S changes to g2's subspace, rotate
+    s_new = np.asarray(state.projectors["w"], np.float64)
+    right = shape[0] >= shape[1]
+    ma, va = (mu.T, nu.T) if right else (mu, nu)
+    c = s_new.T @ s_old
+    m_rot = c @ ma
+    v_rot = np.maximum(0.0, (c**2) @ (va - ma**2) + m_rot**2)
+    # then Adam's EMA with the projected g2
+    a = s_new.T @ _orient64(g2)
+    m_want = 0.9 * m_rot + 0.1 * a
+    v_want = 0.999 * v_rot + 0.001 * a**2
+    got_m = np.asarray(state.inner_state.mu["w"], np.float64)
+    got_v = np.asarray(state.inner_state.nu["w"], np.float64)
+    got_m, got_v = (got_m.T, got_v.T) if right else (got_m, got_v)
+    np.testing.assert_allclose(got_m, m_want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got_v, v_want, rtol=1e-4, atol=1e-7)
+
+
+def test_moment_reset_zeroes_at_the_change_only():
+    tx = pj.low_rank_projection(
+        optax.scale_by_adam(), rank=4, update_interval=3, moments="reset", min_dim=1
+    )
+    g = {"w": _g((32, 16), 0)}
+    state = tx.init(g)
+    for _ in range(3):
+        _, state = tx.update(g, state)
+    # after t=2 (no event) mu holds 3 EMA steps; at t=3 it is reset, then one EMA step
+    _, state = tx.update(g, state)
+    a = np.asarray(state.projectors["w"]).T @ _orient64(g["w"])
+    np.testing.assert_allclose(np.asarray(state.inner_state.mu["w"]), 0.1 * a.T, atol=1e-5)
+
+
+def test_rotate_needs_float_moments():
+    with pytest.raises(ValueError, match="moments='rotate'"):
+        pj.low_rank_projection(optax.sgd(0.1, momentum=0.9), rank=2, moments="rotate").init(
+            {"w": jnp.zeros((256, 256))}
+        )
+
+
+# --------------------------------------------------------------------------------------
+# COAP
+# --------------------------------------------------------------------------------------
+
+
+def test_coap_gradient_matches_autodiff_in_float64():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        s = jnp.asarray(np.linalg.qr(rng.standard_normal((20, 5)))[0])
+        gk = jnp.asarray(rng.standard_normal((20, 30)))
+        mk = jnp.asarray(rng.standard_normal((5, 30)))
+        mk = mk.at[:, 3].set(0.0)  # a zero column: cosine defined as 0, no NaN
+        want = jax.grad(pj.coap_loss)(s, gk, mk)
+        got = pj.coap_loss_grad(s, gk, mk)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_coap_p_step_size_paper_vs_scale_aware():
+    """The finding behind ``scale_aware``: at real gradient scales (entries ~1e-3) the
+    paper's clipped SGD step on S moves it by ~1e-11; the scale-aware step moves it."""
+    rng = np.random.default_rng(1)
+    s = jnp.asarray(np.linalg.qr(rng.standard_normal((256, 16)))[0], jnp.float32)
+    gk = jnp.asarray(1e-3 * rng.standard_normal((256, 1024)), jnp.float32)
+    mk = s.T @ gk + 1e-4 * jnp.asarray(rng.standard_normal((16, 1024)), jnp.float32)
+    paper = pj.COAPProjector(scale_aware=False).p_step(s, gk, mk)
+    aware = pj.COAPProjector(scale_aware=True).p_step(s, gk, mk)
+    assert float(jnp.linalg.norm(paper - s)) < 1e-8
+    assert float(jnp.linalg.norm(aware - s)) > 1e-3
+    # the scale-aware step lowers the loss
+    assert float(pj.coap_loss(aware, gk, mk)) < float(pj.coap_loss(s, gk, mk))
+
+
+@pytest.mark.parametrize("shape", SIDES)
+def test_coap_range_finder_captures_a_low_rank_gradient(shape):
+    g = {"w": jnp.asarray(_drifting(shape, 1, rank=4)[0], jnp.float32)}
+    captured = {}
+    for oversample in (0, 8):
+        proj = pj.COAPProjector(oversample=oversample)
+        tx = pj.low_rank_projection(optax.identity(), rank=4, projector=proj, min_dim=1)
+        _, state = tx.update(g, tx.init(g))
+        captured[oversample] = _captured(state.projectors["w"], _orient64(g["w"]))
+    # the paper's sketch (width r) is one-pass and approximate; oversampling tightens it
+    assert captured[0] > 0.9 and captured[8] > 0.99, captured
+
+
+# --------------------------------------------------------------------------------------
+# Robustness, layout, validation
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("projector", ["svd", "coap", "subtrack"])
+def test_non_finite_gradient_keeps_the_old_projector(projector):
+    tx = pj.low_rank_projection(
+        optax.scale_by_adam(), rank=4, projector=projector, update_interval=1, min_dim=1
+    )
+    g = {"w": _g((32, 16), 0)}
+    state = tx.init(g)
+    _, state = tx.update(g, state)
+    s_before = state.projectors["w"]
+    bad = {"w": g["w"].at[3, 4].set(jnp.nan)}
+    _, state2 = jax.jit(tx.update)(bad, state)
+    chex.assert_trees_all_equal(state2.projectors["w"], s_before)
+    inf = {"w": g["w"].at[0, 0].set(jnp.inf)}
+    _, state3 = jax.jit(tx.update)(inf, state)
+    chex.assert_trees_all_equal(state3.projectors["w"], s_before)
+    assert bool(jnp.all(jnp.isfinite(state3.projectors["w"])))
+
+
+def test_layout_rank_fraction_min_dim_mask_and_reshape():
+    params = {
+        "big": jnp.zeros((512, 256)),
+        "wide": jnp.zeros((128, 1024)),
+        "small": jnp.zeros((64, 256)),
+        "conv": jnp.zeros((3, 3, 64, 256)),
+        "bias": jnp.zeros((256,)),
+    }
+    tx = pj.low_rank_projection(
+        optax.scale_by_adam(),
+        rank=0.25,
+        min_dim=128,
+        mask=lambda p: {k: k != "wide" for k in p},
+    )
+    state = tx.init(params)
+    s = state.projectors
+    assert s["big"].shape == (256, 64)  # right: K = n = 256, r = 64
+    assert isinstance(s["wide"], optax.MaskedNode)  # masked out
+    assert isinstance(s["small"], optax.MaskedNode)  # min(m, n) = 64 < 128
+    assert s["conv"].shape == (256, 64)  # (3*3*64, 256) = (576, 256): right
+    assert isinstance(s["bias"], optax.MaskedNode)
+    mu = state.inner_state.mu
+    assert mu["big"].shape == (512, 64) and mu["conv"].shape == (576, 64)
+    assert mu["wide"].shape == (128, 1024) and mu["bias"].shape == (256,)
+    g = jax.tree.map(lambda x: jnp.ones_like(x), params)
+    u, _ = tx.update(g, state)
+    chex.assert_trees_all_equal_shapes(u, params)
+    tx_b = pj.low_rank_projection(optax.scale_by_adam(), rank=8, proj_dtype=jnp.bfloat16)
+    assert tx_b.init(params).projectors["big"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(rank=0), "rank must be"),
+        (dict(rank=1.5), "rank must be"),
+        (dict(rank=4, projector="pca"), "projector must be"),
+        (dict(rank=4, moments="rotated"), "moments must be"),
+        (dict(rank=4, update_interval=0), "update_interval"),
+        (dict(rank=4, proj_dtype=jnp.float16), "proj_dtype"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pj.low_rank_projection(optax.scale_by_adam(), **kwargs)
