@@ -1,6 +1,16 @@
 """lowbit_optax: memory-efficient optimizer state as composable optax transforms."""
 
 from lowbit_optax.memory import LeafMemory, MemoryReport, memory_report, state_bytes
+from lowbit_optax.projection import (
+    COAPProjector,
+    LowRankProjectionState,
+    SubTrackProjector,
+    SVDProjector,
+    coap_adamw,
+    galore_adamw,
+    low_rank_projection,
+    subtrack_adamw,
+)
 from lowbit_optax.quantization import (
     Codec,
     QuantizedArray,
@@ -17,6 +27,7 @@ from lowbit_optax.quantized import (
     scale_by_quantized_adam,
     solo_adamw,
 )
+from lowbit_optax.recipes import coap_adamw_8bit
 from lowbit_optax.snr import (
     ScaleBySlimAdamState,
     SNRCalibrationState,
@@ -39,21 +50,29 @@ from lowbit_optax.snr import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "COAPProjector",
     "Codec",
     "LeafMemory",
+    "LowRankProjectionState",
     "MemoryReport",
     "QuantizedArray",
     "SNRCalibrationState",
+    "SVDProjector",
     "ScaleByQuantizedAdamState",
     "ScaleBySlimAdamState",
+    "SubTrackProjector",
     "adamw_4bit",
     "adamw_8bit",
     "candidate_axes",
+    "coap_adamw",
+    "coap_adamw_8bit",
     "dequantize",
     "dynamic_exponent_levels",
     "dynamic_tree_levels",
     "flax_default_rules",
+    "galore_adamw",
     "linear_levels",
+    "low_rank_projection",
     "memory_report",
     "quantize",
     "removed_fraction",
@@ -71,4 +90,5 @@ __all__ = [
     "snr_table",
     "solo_adamw",
     "state_bytes",
+    "subtrack_adamw",
 ]

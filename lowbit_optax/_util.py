@@ -100,3 +100,16 @@ def zeros_for(param: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
             kept = [s if shape[i] == param.shape[i] else None for i, s in enumerate(spec)]
             return jnp.zeros(shape, dtype, out_sharding=jax.sharding.PartitionSpec(*kept))
     return jnp.zeros(shape, dtype)
+
+
+def auto_axes_like_inputs(fn, *args):
+    """``fn(*args)``, whose outputs have the structure of ``args``; on a mesh with Explicit
+    axes it runs with those axes made Auto (``jax.sharding.auto_axes``: decompositions
+    such as SVD and QR need unsharded operands, which XLA's propagation arranges) and each
+    output keeps the sharding of the matching input (the update the gradient's, the state
+    its own)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return fn(*args)
+    specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, args)
+    return jax.sharding.auto_axes(fn, out_sharding=specs)(*args)

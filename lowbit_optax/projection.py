@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowbit_optax._util import unflatten_like
+from lowbit_optax._util import auto_axes_like_inputs, unflatten_like
 
 __all__ = [
     "COAPProjector",
@@ -434,6 +434,9 @@ def low_rank_projection(
 
     def update_fn(updates, state, params=None):
         del params
+        return auto_axes_like_inputs(body, updates, state)
+
+    def body(updates, state):
         count = state.count
         leaves, treedef = jax.tree.flatten(updates)
         layout = plans(updates)
