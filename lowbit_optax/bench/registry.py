@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax
 import optax
 
 import lowbit_optax
@@ -134,4 +135,40 @@ register(
     ),
     "lowbit_optax.slim_adamw(mu_bits=4) (4-bit DE mu, blocks of 128; averaged float32 nu)",
     takes_rules=True,
+)
+
+# ---- low-rank projection --------------------------------------------------------------
+
+
+def _matrices_only(params):
+    """Projection mask: attention and MLP kernels (not embeddings, positions, LM head),
+    as GaLore, COAP and SubTrack apply it."""
+    from lowbit_optax._util import path_str
+
+    skip = ("embed", "pos", "lm_head")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: not any(s in path_str(p) for s in skip), params
+    )
+
+
+_PROJ = dict(rank=0.25, weight_decay=WEIGHT_DECAY, projection_mask=_matrices_only)
+register(
+    "galore_adamw",
+    lambda lr: lowbit_optax.galore_adamw(lr, **_PROJ),
+    "lowbit_optax.galore_adamw (rank 1/4 of min(m, n), SVD every 200 steps, scale 0.25)",
+)
+register(
+    "coap_adamw",
+    lambda lr: lowbit_optax.coap_adamw(lr, **_PROJ),
+    "lowbit_optax.coap_adamw (rank 1/4, P step every 32, recalibration every 160, scale-aware)",
+)
+register(
+    "subtrack_adamw",
+    lambda lr: lowbit_optax.subtrack_adamw(lr, **_PROJ),
+    "lowbit_optax.subtrack_adamw (rank 1/4, geodesic step every 50, moments rotated)",
+)
+register(
+    "coap_adamw_8bit",
+    lambda lr: lowbit_optax.coap_adamw_8bit(lr, **_PROJ),
+    "lowbit_optax.coap_adamw_8bit (COAP with 8-bit inner Adam moments)",
 )
