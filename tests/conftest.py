@@ -10,6 +10,10 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# pytest-xdist runs one process per core; LAPACK's own threads (SVD, QR, eigh in the
+# projection tests and the benchmark subprocess, which inherits this) would oversubscribe
+# the cores, which made small SVDs 30x slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 

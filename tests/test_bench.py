@@ -39,7 +39,7 @@ FIELDS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Output folder of one ``--quick`` run with every registered optimizer."""
     out = tmp_path_factory.mktemp("bench")
@@ -54,12 +54,13 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def results(quick_run: Path) -> dict[str, Any]:
     return json.loads((quick_run / "results.json").read_text())
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_run")  # one worker builds the run, once
 def test_quick_run_writes_three_files(quick_run: Path) -> None:
     for name in ("results.json", "results.md", "results.png"):
         assert (quick_run / name).stat().st_size > 0
@@ -67,6 +68,7 @@ def test_quick_run_writes_three_files(quick_run: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_run")  # one worker builds the run, once
 def test_results_json_has_every_task_and_optimizer(results: dict[str, Any]) -> None:
     assert results["meta"]["reference"] == registry.REFERENCE
     assert set(results["tasks"]) == set(TASKS)
@@ -81,6 +83,7 @@ def test_results_json_has_every_task_and_optimizer(results: dict[str, Any]) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_run")  # one worker builds the run, once
 def test_adamw_state_is_two_float32_moments_and_counts(results: dict[str, Any]) -> None:
     for task_name, task in results["tasks"].items():
         rec = task["results"]["adamw"]
@@ -94,6 +97,7 @@ def test_adamw_state_is_two_float32_moments_and_counts(results: dict[str, Any]) 
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_run")  # one worker builds the run, once
 def test_training_tasks_record_losses_and_curves(results: dict[str, Any]) -> None:
     for task_name in ("lm", "digits"):
         task = results["tasks"][task_name]
@@ -111,6 +115,7 @@ def test_training_tasks_record_losses_and_curves(results: dict[str, Any]) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_run")  # one worker builds the run, once
 def test_results_md_has_a_row_per_optimizer(quick_run: Path) -> None:
     md = (quick_run / "results.md").read_text()
     sections = md.split("\n## ")[1:]
@@ -214,7 +219,7 @@ def test_missing_extras_give_an_install_hint(monkeypatch: pytest.MonkeyPatch) ->
     assert "lowbit-optax[examples]" in str(exc.value.code)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A ``--quick`` lm sweep over two learning rates with SlimAdam calibration."""
     out = tmp_path_factory.mktemp("sweep")
@@ -233,6 +238,7 @@ def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sweep_run")  # one worker builds the run, once
 def test_sweep_runs_each_lr_and_reports_the_best(sweep_run: dict[str, Any]) -> None:
     results = sweep_run["json"]
     assert list(results["tasks"]) == ["lm@lr=0.001", "lm@lr=0.003"]
@@ -250,6 +256,7 @@ def test_sweep_runs_each_lr_and_reports_the_best(sweep_run: dict[str, Any]) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sweep_run")  # one worker builds the run, once
 def test_calibration_rules_are_the_ones_trained_with(sweep_run: dict[str, Any]) -> None:
     import lowbit_optax
 

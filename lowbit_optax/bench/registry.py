@@ -29,6 +29,7 @@ class OptimizerSpec:
     description: str
     baseline: bool = False
     takes_rules: bool = False
+    event_period: int | None = None
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -41,12 +42,20 @@ def register(
     *,
     baseline: bool = False,
     takes_rules: bool = False,
+    event_period: int | None = None,
 ) -> None:
     """Adds an optimizer under ``name`` (must be new). ``takes_rules``: ``make`` also
-    accepts ``rules=`` (SlimAdam's per-leaf axes), which ``--calibrate`` supplies."""
+    accepts ``rules=`` (SlimAdam's per-leaf axes), which ``--calibrate`` supplies.
+    ``event_period``: the optimizer does extra work every so many steps (a projector
+    refresh); the benchmark then also times that many consecutive updates (amortized)."""
     if name in _REGISTRY:
         raise ValueError(f"optimizer {name!r} is already registered")
-    _REGISTRY[name] = OptimizerSpec(name, make, description, baseline, takes_rules)
+    _REGISTRY[name] = OptimizerSpec(name, make, description, baseline, takes_rules, event_period)
+
+
+def event_period(name: str) -> int | None:
+    """Steps between a registered optimizer's periodic extra work, if any."""
+    return _REGISTRY[name].event_period if name in _REGISTRY else None
 
 
 def takes_rules(name: str) -> bool:
@@ -87,6 +96,7 @@ register(
     lambda lr: optax.contrib.galore(lr, rank=64, update_proj_gap=200, weight_decay=WEIGHT_DECAY),
     "optax.contrib.galore (rank 64, SVD every 200 steps)",
     baseline=True,
+    event_period=200,
 )
 
 # ---- quantized EMA state ---------------------------------------------------------------
@@ -156,6 +166,7 @@ register(
     "galore_adamw",
     lambda lr: lowbit_optax.galore_adamw(lr, **_PROJ),
     "lowbit_optax.galore_adamw (rank 1/4 of min(m, n), SVD every 200 steps, scale 0.25)",
+    event_period=200,
 )
 register(
     "coap_adamw",
@@ -165,10 +176,13 @@ register(
 register(
     "subtrack_adamw",
     lambda lr: lowbit_optax.subtrack_adamw(lr, **_PROJ),
-    "lowbit_optax.subtrack_adamw (rank 1/4, geodesic step every 50, moments rotated)",
+    "lowbit_optax.subtrack_adamw (rank 1/4, SVD at step 0, geodesic step every 50, "
+    "moments rotated)",
+    event_period=200,
 )
 register(
     "coap_adamw_8bit",
     lambda lr: lowbit_optax.coap_adamw_8bit(lr, **_PROJ),
     "lowbit_optax.coap_adamw_8bit (COAP with 8-bit inner Adam moments)",
+    event_period=160,
 )

@@ -21,9 +21,12 @@ How to read this:
   backward, update, apply). Both donate params and optimizer state and exclude
   compilation. Times are medians over repeats taken round-robin across optimizers in
   this one process; a *ratio* is that median divided by {registry.REFERENCE}'s.
-- Step times are medians over chunks of `log_every` steps. GaLore recomputes its
-  projection (an SVD) only when `count % 200 == 0`; those steps fall into a few
-  chunks only, so the medians are steady-state costs (the amortized SVD is not included).
+- Step times are medians over chunks of `log_every` steps. Projection optimizers
+  refresh their projector only every so many steps (GaLore's SVD when
+  `count % 200 == 0`); those steps fall into a few chunks only, so the medians are
+  steady-state costs. *amortized ratio* (projection optimizers only): the time of one run
+  of as many consecutive updates as the longest refresh period (200), which contains
+  every refresh at its rate, over adamw's time for the same run.
 - *compiled MiB*: XLA's planned temp + output bytes of the compiled program
   (`memory_analysis()`; the training step for lm/digits, the update for `update`).
   *peak MiB*: the device's process-wide `peak_bytes_in_use` (n/a where the backend does
@@ -72,6 +75,7 @@ def table_rows(task: Results) -> list[list[str]]:
         "state B/param",
         "update ms",
         "update ratio",
+        "amortized ratio",
         "step ms",
         "step ratio",
         "compiled MiB",
@@ -88,6 +92,7 @@ def table_rows(task: Results) -> list[list[str]]:
             fmt(rec["bytes_per_param"], ".4f"),
             fmt(rec["update_ms"], ".2f"),
             fmt(rec["update_ratio"], ".2f"),
+            fmt(rec.get("update_amortized_ratio"), ".2f"),
             fmt(rec["step_ms"], ".2f"),
             fmt(rec["step_ratio"], ".2f"),
             _mib(rec["compiled_bytes"]),

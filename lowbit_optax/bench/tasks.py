@@ -107,6 +107,8 @@ def empty_record() -> Record:
         "bytes_per_param": None,
         "update_ms": None,
         "update_ratio": None,
+        "update_amortized_ms": None,
+        "update_amortized_ratio": None,
         "step_ms": None,
         "step_ratio": None,
         "peak_bytes": None,
@@ -240,6 +242,32 @@ def time_updates(trials: list[Trial], params0: Any, plan: Plan, seed: int, bar: 
     for trial in trials:
         if trial.name in stats:
             trial.record["update_ms"], trial.record["update_ratio"] = stats[trial.name]
+    time_amortized(trials, loops, grads, bar)
+
+
+def time_amortized(
+    trials: list[Trial], loops: dict[str, DonatedLoop], grads: Any, bar: tqdm
+) -> None:
+    """For optimizers with periodic extra work (``registry.event_period``): one run of
+    ``window`` consecutive updates (the longest period among them), which contains every
+    periodic event at its rate (GaLore's SVD once per 200 steps, ...), and the same for
+    the reference; ``update_amortized_ms`` is its time per update."""
+    live = {t.name for t in _alive(trials)} & set(loops)
+    periods = {n: registry.event_period(n) for n in live}
+    periods = {n: p for n, p in periods.items() if p}
+    if not periods or registry.REFERENCE not in live:
+        return
+    window = max(periods.values())
+    bar.set_postfix_str(f"timing {window} consecutive updates")
+    amortized = {}
+    for name in [registry.REFERENCE, *periods]:
+        seconds, _ = loops[name].run([(grads,)] * window)
+        amortized[name] = seconds * 1e3 / window
+    for trial in trials:
+        if trial.name in amortized:
+            ms = amortized[trial.name]
+            trial.record["update_amortized_ms"] = ms
+            trial.record["update_amortized_ratio"] = ms / amortized[registry.REFERENCE]
 
 
 @dataclasses.dataclass
