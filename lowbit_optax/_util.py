@@ -113,3 +113,12 @@ def auto_axes_like_inputs(fn, *args):
         return fn(*args)
     specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, args)
     return jax.sharding.auto_axes(fn, out_sharding=specs)(*args)
+
+
+def adamw_chain(scale_by, learning_rate, weight_decay, mask):
+    """``optax.adamw``'s chain around another preconditioner: the named optimizers' body."""
+    return optax.chain(
+        scale_by,
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )

@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowbit_optax._util import auto_axes_like_inputs, unflatten_like
+from lowbit_optax._util import adamw_chain, auto_axes_like_inputs, unflatten_like
 
 __all__ = [
     "COAPProjector",
@@ -568,12 +568,7 @@ def _adjust_moments(inner_state, treedef, layout, s_old, s_new, changed, moments
 # ------------------------------------------------------------------------------------
 
 
-def _adamw(projected, learning_rate, weight_decay, mask):
-    return optax.chain(
-        projected,
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+_adamw = adamw_chain
 
 
 def galore_adamw(

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from lowbit_optax import quantization as qz
-from lowbit_optax._util import on_auto_axes, unflatten_like
+from lowbit_optax._util import adamw_chain, on_auto_axes, unflatten_like
 from lowbit_optax.quantization import MAPS, make_codec  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -300,12 +300,7 @@ def _quantized_leaf(g, mu_c, mu_s, nu_c, nu_s, nu_b, keys, mu_codec, nu_codec, h
 # ------------------------------------------------------------------------------------
 
 
-def _adamw(scale_by: optax.GradientTransformation, learning_rate, weight_decay, mask):
-    return optax.chain(
-        scale_by,
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+_adamw = adamw_chain
 
 
 def adamw_8bit(
