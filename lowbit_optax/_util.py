@@ -54,8 +54,9 @@ def unflatten_like(params: Any, values: list[Any], *, replicate: bool = False) -
     ``Variable`` nodes (``nnx.Optimizer`` passes them to ``init``; their metadata is what
     it shards the optimizer state by): a state leaf whose size along an axis differs
     from the param's (a reduced, blocked or packed axis) loses the param's sharding
-    name on that axis (``out_sharding``), which could otherwise not divide it.
-    ``replicate=True`` drops every name (leaves unrelated to the param's axes).
+    name on that axis (``out_sharding``), which could otherwise not divide it, and a
+    leaf of another rank gets one name per own axis. ``replicate=True`` drops every
+    name (leaves unrelated to the param's axes).
     """
     nodes, treedef = jax.tree.flatten(params, is_leaf=_is_nnx_variable)
     out = []
@@ -68,14 +69,13 @@ def unflatten_like(params: Any, values: list[Any], *, replicate: bool = False) -
         names = node.get_metadata().get("out_sharding")
         shape, old = getattr(value, "shape", None), getattr(node.get_value(), "shape", None)
         if names is not None and shape is not None and old is not None:
+            # one name per axis of the state leaf (a scalar gets none)
             kept = tuple(
-                n
-                if not replicate and i < len(shape) and i < len(old) and shape[i] == old[i]
+                names[i]
+                if not replicate and i < len(names) and i < len(old) and shape[i] == old[i]
                 else None
-                for i, n in enumerate(names)
+                for i in range(len(shape))
             )
-            if replicate:
-                kept = (None,) * len(shape)
             if kept != tuple(names):
                 new.set_metadata(out_sharding=kept)
         out.append(new)

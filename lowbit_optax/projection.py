@@ -10,7 +10,9 @@ state is ``m x r``), ``m < n`` on the left (``P`` is ``m x r``, the inner state
 projector is an orthonormal ``S`` of shape ``K x r``, the projected gradient is
 ``A = S^T Gk`` (``r x M``; the inner transform sees ``A.T`` on the right, ``A`` on the
 left), and an inner update ``U`` returns as ``scale * S U`` (re-oriented). ``S`` is what
-the state stores (``P = S^T`` on the right, ``P = S`` on the left).
+the state stores (``P = S^T`` on the right, ``P = S`` on the left). The inner state keeps
+the parameter's axis order (``m`` first on the right), so a parameter's sharding maps onto
+it axis by axis.
 
 Projectors are values (``projector=``), each with its own event schedule on the
 pre-increment step count ``t`` (``t = 0, T, 2T, ...``, ``T = update_interval``):
@@ -286,12 +288,16 @@ class LowRankProjectionState(NamedTuple):
         leaves, ``MaskedNode`` for the others.
       inner_state: the inner transform's state on the projected tree (projected leaves
         in their low-rank shape: ``m x r`` on the right, ``r x n`` on the left).
+      residual_norms: with ``recover=True``, per projected leaf the float32 norm of the
+        last recovered residual term (Fira's norm-growth limiter); ``MaskedNode``
+        elsewhere, and for every leaf without ``recover``.
     """
 
     count: jax.Array
     key: jax.Array
     projectors: Any
     inner_state: optax.OptState
+    residual_norms: Any = None
 
 
 class _Leaf(NamedTuple):
@@ -339,7 +345,8 @@ def _orient(g: jax.Array, leaf: _Leaf) -> jax.Array:
 
 
 def _to_a(x: jax.Array, leaf: _Leaf) -> jax.Array:
-    """An inner-state/low-rank array (low shape) in ``A``'s ``r x M`` orientation."""
+    """An inner-state/low-rank array (low shape) in ``A``'s ``r x M`` orientation (the
+    transpose on the right; its own inverse)."""
     return x.T if leaf.right else x
 
 
@@ -356,6 +363,7 @@ def low_rank_projection(
     proj_dtype: Any = jnp.float32,
     reshape: bool = True,
     recover: bool = False,
+    recover_limit: float = 1.01,
     key: int = 0,
 ) -> optax.GradientTransformation:
     """Runs ``inner`` on low-rank projections of the large 2-D gradients.
@@ -377,15 +385,19 @@ def low_rank_projection(
       reshape: leaves of rank > 2 are viewed as ``(prod(shape[:-1]), shape[-1])`` (e.g.
         a conv kernel ``(h, w, in, out)`` as ``(h w in, out)``); ``False`` leaves them
         unprojected.
-      recover: add back the discarded gradient ``Gk - S A`` scaled by
-        ``|U| / |A|`` (Fira-style recovery, SubTrack++'s option).
+      recover: add back the discarded gradient ``R = Gk - S A`` scaled by
+        ``|U| / |A|`` (Fira's recovery, SubTrack++'s option), with Fira's norm-growth
+        limiter: when the norm of that term grows by more than ``recover_limit`` times
+        over the last step, it is scaled down to ``recover_limit`` times the last norm.
+      recover_limit: Fira's ``gamma`` (1.01).
       key: seed of the randomized range finder (COAP).
 
     Returns:
       An ``optax.GradientTransformation``; updates in the gradients' dtype.
 
     Memory per projected ``(m, n)`` leaf: ``K r`` for ``S`` (in ``proj_dtype``) plus the
-    inner state on ``m r`` (right) or ``r n`` (left) values instead of ``m n``.
+    inner state on ``m r`` (right) or ``r n`` (left) values instead of ``m n`` (plus one
+    float32 with ``recover``).
     """
     proj = _projector(projector)
     if moments not in MOMENTS:
@@ -402,6 +414,8 @@ def low_rank_projection(
         raise ValueError(f"proj_dtype must be float32 or bfloat16, got {proj_dtype!r}")
     if not isinstance(min_dim, int) or min_dim < 1:
         raise ValueError(f"min_dim must be a positive int, got {min_dim!r}")
+    if not recover_limit > 1.0:
+        raise ValueError(f"recover_limit must be > 1 (Fira's gamma, 1.01), got {recover_limit!r}")
 
     def plans(tree: Any) -> list[_Leaf]:
         leaves = jax.tree.leaves(tree)
@@ -432,11 +446,16 @@ def low_rank_projection(
             jnp.eye(lf.k, lf.rank, dtype=proj_dtype) if lf.projected else optax.MaskedNode()
             for lf in layout
         ]
+        norms = [
+            jnp.zeros([], jnp.float32) if recover and lf.projected else optax.MaskedNode()
+            for lf in layout
+        ]
         return LowRankProjectionState(
             jnp.zeros([], jnp.int32),
             jax.random.key_data(jax.random.key(key)).astype(jnp.uint32),
             low_tree(params, s),
             inner_state,
+            low_tree(params, norms),
         )
 
     def update_fn(updates, state, params=None):
@@ -473,8 +492,7 @@ def low_rank_projection(
             )
             new_s.append(s_new)
             changed.append(ok)
-            a = s_new.T @ gk
-            low.append((a.T if lf.right else a).astype(g.dtype))
+            low.append(_to_a(s_new.T @ gk, lf).astype(g.dtype))
 
         inner_state = state.inner_state
         if moments != "keep":
@@ -482,9 +500,9 @@ def low_rank_projection(
                 inner_state, treedef, layout, s_old, new_s, changed, moments
             )
         low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None)
-        out = []
-        for g, lf, u, s_new in zip(
-            leaves, layout, treedef.flatten_up_to(low_updates), new_s, strict=True
+        out, norms = [], treedef.flatten_up_to(state.residual_norms)
+        for i, (g, lf, u, s_new) in enumerate(
+            zip(leaves, layout, treedef.flatten_up_to(low_updates), new_s, strict=True)
         ):
             if not lf.projected:
                 out.append(u)
@@ -492,12 +510,8 @@ def low_rank_projection(
             ua = _to_a(u.astype(jnp.float32), lf)
             full = s_new @ ua
             if recover:
-                gk = _orient(g, lf)
-                a = s_new.T @ gk
-                resid = gk - s_new @ a
-                na = jnp.linalg.norm(a)
-                phi = jnp.where(na > 0, jnp.linalg.norm(ua) / jnp.where(na > 0, na, 1.0), 0.0)
-                full = full + phi * resid
+                term, norms[i] = _recovered(_orient(g, lf), s_new, ua, norms[i], recover_limit)
+                full = full + term
             full = full.T if lf.right else full
             out.append((scale * full).reshape(lf.shape).astype(g.dtype))
         projectors = treedef.unflatten(
@@ -507,10 +521,30 @@ def low_rank_projection(
             ]
         )
         return treedef.unflatten(out), LowRankProjectionState(
-            optax.safe_increment(count), state.key, projectors, inner_state
+            optax.safe_increment(count),
+            state.key,
+            projectors,
+            inner_state,
+            treedef.unflatten(norms),
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _recovered(gk, s, ua, last_norm, limit):
+    """Fira's recovered term ``phi R`` (``R = Gk - S S^T Gk``, ``phi = |U| / |S^T Gk|``)
+    with the norm-growth limiter: if ``|phi R| > limit * last_norm`` (and there is a last
+    norm) it is scaled down to ``limit * last_norm``. Returns the term and its norm."""
+    a = s.T @ gk
+    resid = gk - s @ a
+    na = jnp.linalg.norm(a)
+    phi = jnp.where(na > 0, jnp.linalg.norm(ua) / jnp.where(na > 0, na, 1.0), 0.0)
+    term = phi * resid
+    norm = jnp.linalg.norm(term)
+    cap = limit * last_norm
+    factor = jnp.where((last_norm > 0) & (norm > cap), cap / jnp.where(norm > 0, norm, 1.0), 1.0)
+    ok = jnp.isfinite(norm)  # a non-finite gradient leaves the limiter's memory alone
+    return term * factor, jnp.where(ok, norm * factor, last_norm)
 
 
 def _float_moments(inner_state: Any, what: str) -> None:
@@ -547,17 +581,21 @@ def _adjust_moments(inner_state, treedef, layout, s_old, s_new, changed, moments
             new_mu.append(m)
             new_nu.append(v)
             continue
-        ma, va = _to_a(m.astype(jnp.float32), lf), _to_a(v.astype(jnp.float32), lf)
-        if moments == "reset":
-            m2, v2 = jnp.zeros_like(ma), jnp.zeros_like(va)
-        else:
-            c = sn.T @ so.astype(jnp.float32)
-            m2 = c @ ma
-            v2 = jnp.maximum(0.0, (c**2) @ (va - ma**2) + m2**2)
-        m2 = jnp.where(ch, m2, ma)
-        v2 = jnp.where(ch, v2, va)
-        new_mu.append(_to_a(m2, lf).astype(m.dtype))  # A orientation is its own inverse
-        new_nu.append(_to_a(v2, lf).astype(v.dtype))
+
+        def adjusted(m=m, v=v, so=so, sn=sn, lf=lf):
+            ma, va = _to_a(m.astype(jnp.float32), lf), _to_a(v.astype(jnp.float32), lf)
+            if moments == "reset":
+                m2, v2 = jnp.zeros_like(ma), jnp.zeros_like(va)
+            else:
+                c = sn.T @ so.astype(jnp.float32)
+                m2 = c @ ma
+                v2 = jnp.maximum(0.0, (c**2) @ (va - ma**2) + m2**2)
+            return _to_a(m2, lf).astype(m.dtype), _to_a(v2, lf).astype(v.dtype)
+
+        # only at a change: the r x r x M products are not paid on the other steps
+        m2, v2 = jax.lax.cond(ch, adjusted, lambda m=m, v=v: (m, v))
+        new_mu.append(m2)
+        new_nu.append(v2)
     return optax.tree_utils.tree_set(
         inner_state, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu)
     )

@@ -31,9 +31,9 @@ def coap_adamw_8bit(
     scale: float = 0.25,
     scale_aware: bool = True,
     min_dim: int = 128,
-    proj_dtype: Any = jnp.float32,
+    proj_dtype: Any = jnp.bfloat16,
     projection_mask: optax.MaskOrFn = None,
-    block_size: int = 128,
+    block_size: int = 64,
     min_size: int = 4096,
     key: int = 0,
 ) -> optax.GradientTransformation:
@@ -41,6 +41,15 @@ def coap_adamw_8bit(
     (``scale_by_quantized_adam``, bitsandbytes' dynamic maps) in the low-rank shape.
     Leaves that are not projected get the same 8-bit Adam. The COAP ``P`` step reads
     the projected gradient in place of the (quantized) inner first moment.
+
+    **Decisions** (measured on the benchmark's ``lm``, rank 1/4 of the width 256, so
+    ``r = 64``): ``S`` is stored in ``bfloat16`` and the moments are quantized in
+    blocks of 64. Blocks run along the last axis of the low-rank state, which is ``r``
+    long on the right side (``m x r``): with blocks of 128 every row of 64 values is
+    padded to a whole block, doubling the codes. The whole ``lm`` state is 0.87
+    bytes/param this way, against 1.41 with ``float32`` ``S`` and blocks of 128 (1.11
+    with ``float32`` ``S`` and blocks of 64). Pick ``block_size`` dividing ``r`` (a
+    multiple of 8) for other ranks.
 
     References:
       Xiao et al., COAP, arXiv 2412.00071 (8-bit COAP); Dettmers et al., 8-bit

@@ -300,6 +300,56 @@ def test_coap_range_finder_captures_a_low_rank_gradient(shape):
 
 
 # --------------------------------------------------------------------------------------
+# Fira-style recovery of the discarded gradient
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SIDES)
+def test_recovery_adds_the_scaled_residual_with_the_norm_growth_limiter(shape):
+    """Reference in float64: u = scale * (S U + phi R) with R = Gk - S S^T Gk,
+    phi = |U| / |S^T Gk|, and phi R capped at 1.01 x the previous step's (capped) norm."""
+    r, gamma, alpha = 4, 1.01, 0.25
+    tx = pj.low_rank_projection(
+        optax.identity(), rank=r, update_interval=100, scale=alpha, min_dim=1, recover=True
+    )
+    state = tx.init({"w": jnp.zeros(shape)})
+    # gradient scales: the residual term grows 10x at step 2 and shrinks at step 3
+    scales = [1.0, 1.0, 10.0, 0.5, 0.5]
+    last = 0.0
+    for i, c in enumerate(scales):
+        g = _g(shape, 40 + i, scale=c)
+        u, state = tx.update({"w": g}, state)
+        s = np.asarray(state.projectors["w"], np.float64)
+        gk = _orient64(g)
+        a = s.T @ gk
+        resid = gk - s @ a
+        phi = 1.0  # identity inner: |U| = |A|
+        term = phi * resid
+        norm = np.linalg.norm(term)
+        if last > 0 and norm > gamma * last:
+            term *= gamma * last / norm
+            norm = gamma * last
+        last = norm
+        want = alpha * (s @ a + term)
+        want = want.T if shape[0] >= shape[1] else want
+        np.testing.assert_allclose(u["w"], want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(float(state.residual_norms["w"]), last, rtol=1e-4)
+    # at the 10x step the cap was active: the recovered part grew by exactly 1.01x
+    assert last < np.linalg.norm(_orient64(_g(shape, 42, scale=10.0)))
+
+
+def test_recovery_ignores_a_non_finite_gradient_in_the_limiter():
+    tx = pj.low_rank_projection(optax.identity(), rank=4, min_dim=1, recover=True)
+    g = {"w": _g((32, 16), 0)}
+    state = tx.init(g)
+    _, state = tx.update(g, state)
+    before = float(state.residual_norms["w"])
+    _, state = jax.jit(tx.update)({"w": g["w"].at[1, 2].set(jnp.nan)}, state)
+    assert float(state.residual_norms["w"]) == before > 0
+    assert bool(jnp.all(jnp.isfinite(state.projectors["w"])))
+
+
+# --------------------------------------------------------------------------------------
 # Robustness, layout, validation
 # --------------------------------------------------------------------------------------
 
@@ -362,6 +412,7 @@ def test_layout_rank_fraction_min_dim_mask_and_reshape():
         (dict(rank=4, moments="rotated"), "moments must be"),
         (dict(rank=4, update_interval=0), "update_interval"),
         (dict(rank=4, proj_dtype=jnp.float16), "proj_dtype"),
+        (dict(rank=4, recover=True, recover_limit=1.0), "recover_limit"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

@@ -172,6 +172,7 @@ register(
     "coap_adamw",
     lambda lr: lowbit_optax.coap_adamw(lr, **_PROJ),
     "lowbit_optax.coap_adamw (rank 1/4, P step every 32, recalibration every 160, scale-aware)",
+    event_period=160,
 )
 register(
     "subtrack_adamw",
@@ -183,6 +184,7 @@ register(
 register(
     "coap_adamw_8bit",
     lambda lr: lowbit_optax.coap_adamw_8bit(lr, **_PROJ),
-    "lowbit_optax.coap_adamw_8bit (COAP with 8-bit inner Adam moments)",
+    "lowbit_optax.coap_adamw_8bit (COAP with 8-bit inner Adam moments in blocks of 64, "
+    "bfloat16 projectors)",
     event_period=160,
 )
