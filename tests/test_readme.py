@@ -58,3 +58,16 @@ def test_slim_adam_example_runs(capsys):
     assert nu.shape == shape
     # what the README's comments claim for this example
     assert rules["dense"]["kernel"] == (1,) and nu.shape == (256, 1)
+
+
+def test_projection_example_runs(capsys):
+    (code,) = [b for b in _blocks("python") if "low_rank_projection" in b]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "(256, 64)"
+    # independent count: S 256 x 64 float32; the inner state on the 512 x 64 low-rank
+    # gradient: 8-bit mu and nu (one block of 64 per row) with a float32 scale per block
+    # each; counts (3 x int32) and the key (2 x uint32)
+    want = 256 * 64 * 4 + 2 * (512 * 64 + 512 * 4) + 3 * 4 + 2 * 4
+    assert out[1] == f"{want / (512 * 256):.3f} B/param"
