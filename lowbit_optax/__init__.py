@@ -1,6 +1,24 @@
 """lowbit_optax: memory-efficient optimizer state as composable optax transforms."""
 
+from lowbit_optax.error_feedback import (
+    Compressor,
+    ErrorFeedbackState,
+    error_feedback,
+    low_rank,
+    quantizer,
+    random_k,
+    top_k,
+)
 from lowbit_optax.memory import LeafMemory, MemoryReport, memory_report, state_bytes
+from lowbit_optax.preconditioners import (
+    ScaleByWindowState,
+    ggt,
+    mfac,
+    scale_by_ggt,
+    scale_by_mfac,
+    sparse_ggt,
+    sparse_mfac,
+)
 from lowbit_optax.projection import (
     COAPProjector,
     LowRankProjectionState,
@@ -52,6 +70,8 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "COAPProjector",
     "Codec",
+    "Compressor",
+    "ErrorFeedbackState",
     "LeafMemory",
     "LowRankProjectionState",
     "MemoryReport",
@@ -60,6 +80,7 @@ __all__ = [
     "SVDProjector",
     "ScaleByQuantizedAdamState",
     "ScaleBySlimAdamState",
+    "ScaleByWindowState",
     "SubTrackProjector",
     "adamw_4bit",
     "adamw_8bit",
@@ -69,17 +90,25 @@ __all__ = [
     "dequantize",
     "dynamic_exponent_levels",
     "dynamic_tree_levels",
+    "error_feedback",
     "flax_default_rules",
     "galore_adamw",
+    "ggt",
     "linear_levels",
+    "low_rank",
     "low_rank_projection",
     "memory_report",
+    "mfac",
     "quantize",
+    "quantizer",
+    "random_k",
     "removed_fraction",
     "resolve_rules",
     "rules_from_json",
     "rules_from_snr",
     "rules_to_json",
+    "scale_by_ggt",
+    "scale_by_mfac",
     "scale_by_quantized_adam",
     "scale_by_slim_adam",
     "slim_adamw",
@@ -89,6 +118,9 @@ __all__ = [
     "snr_records",
     "snr_table",
     "solo_adamw",
+    "sparse_ggt",
+    "sparse_mfac",
     "state_bytes",
     "subtrack_adamw",
+    "top_k",
 ]

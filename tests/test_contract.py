@@ -472,6 +472,134 @@ REGISTRY += [
 ]
 
 
+# --------------------------------------------------------------------------------------
+# Error feedback and windowed preconditioners
+# --------------------------------------------------------------------------------------
+
+
+def _num(params: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def _window_bytes(params: Any, m: int, density: float | None) -> int:
+    """int32 count + 2 x uint32 key + the window (dense m x d float32, or m x k float32
+    values + int32 indices and a float32 accumulator of d) + the m x m float32 Gram."""
+    d = _num(params)
+    if density is None:
+        window = 4 * m * d
+    else:
+        k = max(1, round(density * d))
+        window = 8 * m * k + 4 * d
+    return 4 + 8 + window + 4 * m * m
+
+
+def _ef_sgd(learning_rate, compressor=None, accumulator_dtype=jnp.float32):
+    """Error-feedback SGD: the transform chained before optax.sgd."""
+    return optax.chain(
+        lowbit_optax.error_feedback(compressor, accumulator_dtype=accumulator_dtype),
+        optax.sgd(learning_rate),
+    )
+
+
+def _ef_bytes(params: Any, item: int = 4, q_rank: int | None = None) -> int:
+    """int32 count + 2 x uint32 key + the accumulator (+ PowerSGD's Q, n x r per 2-D leaf
+    with min(m, n) > r)."""
+    total = 4 + 8 + item * _num(params)
+    if q_rank is not None:
+        for x in jax.tree.leaves(params):
+            if x.ndim >= 2 and min(x.size // x.shape[-1], x.shape[-1]) > q_rank:
+                total += 4 * x.shape[-1] * q_rank
+    return total
+
+
+_WIN_XFAIL = {
+    "sharded": "the window is over the flattened parameter vector (EFCP's layout), not "
+    "param-structured: no state leaf carries a param's sharding, it stays replicated",
+}
+
+REGISTRY += [
+    Entry(
+        name="mfac",
+        factory=lowbit_optax.mfac,
+        kwargs=dict(num_grads=8, damping=1.0),
+        problem_learning_rate=2e-2,
+        state_bytes=lambda p: _window_bytes(p, 8, None),
+        static_args=("num_grads", "damping"),
+        learning_rate=1e-1,
+        xfail=_WIN_XFAIL,
+        atol=1e-5,
+    ),
+    Entry(
+        name="sparse_mfac",
+        factory=lowbit_optax.sparse_mfac,
+        kwargs=dict(num_grads=8, damping=1.0, density=0.05),
+        problem_learning_rate=2e-2,
+        state_bytes=lambda p: _window_bytes(p, 8, 0.05),
+        static_args=("num_grads", "damping", "density"),
+        learning_rate=1e-1,
+        xfail=_WIN_XFAIL,
+        atol=1e-5,
+    ),
+    Entry(
+        name="ggt",
+        factory=lowbit_optax.ggt,
+        kwargs=dict(num_grads=8, eps=1e-1),
+        problem_learning_rate=1e-2,
+        state_bytes=lambda p: _window_bytes(p, 8, None),
+        static_args=("num_grads",),
+        learning_rate=1e-1,
+        xfail=_WIN_XFAIL,
+        # the eigendecomposition of the Gram matrix of two nearly parallel gradients:
+        # float32 rounding of the small eigenvalue moves the update by ~1e-3
+        atol=5e-3,
+    ),
+    Entry(
+        name="sparse_ggt",
+        factory=lowbit_optax.sparse_ggt,
+        kwargs=dict(num_grads=8, eps=1e-1, density=0.05),
+        problem_learning_rate=1e-2,
+        state_bytes=lambda p: _window_bytes(p, 8, 0.05),
+        static_args=("num_grads", "density"),
+        learning_rate=1e-1,
+        xfail=_WIN_XFAIL,
+        atol=5e-3,  # as ggt
+    ),
+    Entry(
+        name="error_feedback_top_k_sgd",
+        factory=_ef_sgd,
+        kwargs=dict(compressor=lowbit_optax.top_k(0.1, block_size=64)),
+        state_bytes=_ef_bytes,
+        static_args=("compressor", "accumulator_dtype"),
+        problem_learning_rate=2e-3,
+    ),
+    Entry(
+        name="error_feedback_low_rank_sgd",
+        factory=_ef_sgd,
+        kwargs=dict(compressor=lowbit_optax.low_rank(2)),
+        state_bytes=lambda p: _ef_bytes(p, q_rank=2),
+        xfail={
+            "sharded": "PowerSGD's Q (n x r) is laid out by XLA's propagation (along the "
+            "param's last axis), not as the harness maps the param's sharding onto it",
+        },
+        static_args=("compressor", "accumulator_dtype"),
+        problem_learning_rate=2e-3,
+        atol=1e-5,  # QR
+    ),
+    Entry(
+        name="error_feedback_sign_sgd_bf16",
+        factory=_ef_sgd,
+        kwargs=dict(
+            compressor=lowbit_optax.quantizer(1, block_size=64),
+            accumulator_dtype=jnp.bfloat16,
+        ),
+        state_bytes=lambda p: _ef_bytes(p, item=2),
+        static_args=("compressor", "accumulator_dtype"),
+        problem_learning_rate=2e-3,
+        atol=1e-3,  # a bfloat16 accumulator
+    ),
+]
+
+
 def cases(check: str) -> list[Any]:
     assert check in CHECKS, check
     out = []

@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         calibrate=args.calibrate,
         calibrate_steps=args.calibrate_steps,
     )
-    optimizers = {name: registry.get(name).make for name in args.optimizers}
+    factories = {name: registry.get(name).factory() for name in args.optimizers}
     runs = [(name, name, settings) for name in args.task]
     if args.lrs is not None:  # a sweep: training tasks only, one run per lr
         runs = [
@@ -181,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     for key, name, run_settings in runs:
         task_start = time.perf_counter()
+        optimizers = {n: f for n, f in factories.items() if registry.runs_on(n, name)}
         results["tasks"][key] = tasks.TASKS[name].run(optimizers, run_settings)
         results["tasks"][key]["wall_s"] = time.perf_counter() - task_start
         print(report.console_table(key, results["tasks"][key]), flush=True)

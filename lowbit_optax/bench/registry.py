@@ -30,6 +30,21 @@ class OptimizerSpec:
     baseline: bool = False
     takes_rules: bool = False
     event_period: int | None = None
+    tasks: tuple[str, ...] | None = None
+    lr_scale: float = 1.0
+
+    def factory(self) -> Factory:
+        """``make`` with the task's learning rate (a float or a schedule) times
+        ``lr_scale``."""
+        if self.lr_scale == 1.0:
+            return self.make
+        scale = self.lr_scale
+
+        def make(lr, **kwargs):
+            scaled = (lambda step: scale * lr(step)) if callable(lr) else scale * lr
+            return self.make(scaled, **kwargs)
+
+        return make
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -43,14 +58,29 @@ def register(
     baseline: bool = False,
     takes_rules: bool = False,
     event_period: int | None = None,
+    tasks: tuple[str, ...] | None = None,
+    lr_scale: float = 1.0,
 ) -> None:
     """Adds an optimizer under ``name`` (must be new). ``takes_rules``: ``make`` also
     accepts ``rules=`` (SlimAdam's per-leaf axes), which ``--calibrate`` supplies.
     ``event_period``: the optimizer does extra work every so many steps (a projector
-    refresh); the benchmark then also times that many consecutive updates (amortized)."""
+    refresh); the benchmark then also times that many consecutive updates (amortized).
+    ``tasks``: the only tasks it runs on (a dense window over 25M parameters does not
+    fit); ``lr_scale``: its learning rate is the task's times this (SGD-type updates
+    want a much larger step than Adam's), noted in the description."""
     if name in _REGISTRY:
         raise ValueError(f"optimizer {name!r} is already registered")
-    _REGISTRY[name] = OptimizerSpec(name, make, description, baseline, takes_rules, event_period)
+    if lr_scale != 1.0:
+        description = f"{description} [lr x{lr_scale:g} the task's]"
+    _REGISTRY[name] = OptimizerSpec(
+        name, make, description, baseline, takes_rules, event_period, tasks, lr_scale
+    )
+
+
+def runs_on(name: str, task: str) -> bool:
+    """Whether a registered optimizer runs on ``task``."""
+    spec = _REGISTRY.get(name)
+    return spec is None or spec.tasks is None or task in spec.tasks
 
 
 def event_period(name: str) -> int | None:
@@ -187,4 +217,50 @@ register(
     "lowbit_optax.coap_adamw_8bit (COAP with 8-bit inner Adam moments in blocks of 64, "
     "bfloat16 projectors)",
     event_period=160,
+)
+
+
+# error feedback and windowed preconditioners (EFCP); dense windows over 25M (update) or
+# 3.3M (lm) parameters would not fit, so they run on digits (85k parameters) only
+register(
+    "sgd",
+    lambda lr: optax.sgd(lr, momentum=0.9),
+    "optax.sgd (momentum 0.9; the reference for error-feedback SGD)",
+    baseline=True,
+    lr_scale=30.0,
+)
+register(
+    "ef_top_k_sgd",
+    lambda lr: optax.chain(
+        lowbit_optax.error_feedback(lowbit_optax.top_k(0.01)), optax.sgd(lr, momentum=0.9)
+    ),
+    "lowbit_optax.error_feedback(top_k(0.01)) then optax.sgd (momentum 0.9): 1% of each "
+    "leaf's entries per step",
+    lr_scale=30.0,
+)
+register(
+    "mfac",
+    lambda lr: lowbit_optax.mfac(lr, weight_decay=WEIGHT_DECAY),
+    "lowbit_optax.mfac (dense window of m = 1024 gradients, damping 1e-4)",
+    tasks=("digits",),
+)
+register(
+    "sparse_mfac",
+    lambda lr: lowbit_optax.sparse_mfac(lr, weight_decay=WEIGHT_DECAY),
+    "lowbit_optax.sparse_mfac (m = 1024, error-feedback top-k at 1% density, damping 1e-4)",
+    tasks=("digits",),
+)
+register(
+    "ggt",
+    lambda lr: lowbit_optax.ggt(lr, weight_decay=WEIGHT_DECAY),
+    "lowbit_optax.ggt (dense window of r = 100 gradients, eps 1e-5)",
+    tasks=("digits",),
+    lr_scale=300.0,
+)
+register(
+    "sparse_ggt",
+    lambda lr: lowbit_optax.sparse_ggt(lr, weight_decay=WEIGHT_DECAY),
+    "lowbit_optax.sparse_ggt (r = 100, error-feedback top-k at 1% density, eps 1e-5)",
+    tasks=("digits",),
+    lr_scale=300.0,
 )

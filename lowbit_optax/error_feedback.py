@@ -1,0 +1,415 @@
+"""Compressors and the error-feedback transform.
+
+A compressor is a frozen, hashable value with one interface (``Compressor``):
+``compress(x, state, key) -> (payload, state)`` turns an array into a fixed-shape
+representation (its shapes depend only on ``x.shape`` and the compressor's settings) and
+``decompress(payload, shape)`` rebuilds the dense float32 array. Compressors with a
+per-array memory (PowerSGD's warm start) keep it in ``state`` (``init(shape)``).
+
+* ``top_k(density, block_size=None)``: the ``k = round(density * n)`` entries of largest
+  magnitude, globally or ``round(density * block_size)`` per block; payload ``Sparse``
+  (float32 values and int32 indices into the flattened array).
+* ``random_k(density)``: ``k`` distinct uniformly random entries, unscaled (the
+  contractive form error feedback needs; the ``n / k``-scaled form is unbiased but not
+  contractive). Payload ``Sparse``.
+* ``low_rank(rank)``: PowerSGD (Vogels et al. 2019) on 2-D arrays (rank > 2 viewed as
+  ``(prod(shape[:-1]), shape[-1])``): ``P = orth(M Q)``, ``Q = M^T P``, payload
+  ``(P, Q)``, ``M ~ P Q^T``; ``Q`` is kept as the next step's warm start. Arrays with
+  ``min(m, n) <= rank`` (and 1-D ones) are sent dense.
+* ``quantizer(bits, kind="linear", block_size=128)``: block-wise quantization with the
+  library's codecs (``lowbit_optax.quantization``). ``bits=1`` is the scaled sign
+  ``mean(|x|) * sign(x)`` per block (Karimireddy et al. 2019): the codec's two-level
+  table ``{-1, +1}`` with the block's mean magnitude in place of its absmax, which makes
+  it contractive (an absmax-scaled sign is not).
+
+``error_feedback(compressor)`` keeps the accumulator ``xi`` per leaf and emits
+``c = C(xi + g)``, ``xi <- xi + g - c`` (Seide et al. 2014; Karimireddy et al. 2019;
+Modoranu et al. 2023 for preconditioners). Chain it before any optax transform:
+``optax.chain(error_feedback(top_k(0.01)), optax.sgd(lr))`` is error-feedback top-k SGD.
+
+References:
+  Seide et al., 1-Bit Stochastic Gradient Descent and its Application to Data-Parallel
+  Distributed Training of Speech DNNs, Interspeech 2014.
+  Karimireddy et al., Error Feedback Fixes SignSGD and other Gradient Compression
+  Schemes, ICML 2019.
+  Vogels et al., PowerSGD: Practical Low-Rank Gradient Compression for Distributed
+  Optimization, NeurIPS 2019.
+  Modoranu et al., Error Feedback Can Accurately Compress Preconditioners, arXiv 2306.06098.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lowbit_optax import quantization as qz
+from lowbit_optax._util import auto_axes_like_inputs, unflatten_like
+
+__all__ = [
+    "Compressor",
+    "ErrorFeedbackState",
+    "LowRank",
+    "LowRankCompressor",
+    "QuantizeCompressor",
+    "RandomKCompressor",
+    "Sparse",
+    "TopKCompressor",
+    "error_feedback",
+    "low_rank",
+    "quantizer",
+    "random_k",
+    "top_k",
+]
+
+
+# ------------------------------------------------------------------------------------
+# Payloads
+# ------------------------------------------------------------------------------------
+
+
+class Sparse(NamedTuple):
+    """``k`` values of a flattened array and their int32 positions (``indices >= n``
+    mark padding of a partial last block; they hold 0 and are dropped on decompression)."""
+
+    values: jax.Array
+    indices: jax.Array
+
+
+class LowRank(NamedTuple):
+    """PowerSGD factors: the array (viewed 2-D, ``m x n``) is ``p @ q.T``."""
+
+    p: jax.Array
+    q: jax.Array
+
+
+def _check_density(density: Any) -> None:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise ValueError(f"density must be a float in (0, 1], got {density!r}")
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1] (0.01 keeps 1%), got {density!r}")
+
+
+class Compressor:
+    """Interface of a compressor value (frozen dataclass, hashable).
+
+    ``init(shape)`` is the per-array state (``optax.MaskedNode()`` when there is none);
+    ``compress(x, state, key)`` returns ``(payload, state)``, the payload's shapes a
+    function of ``x.shape`` only; ``decompress(payload, shape)`` the dense float32 array.
+    ``sparse`` compressors return ``Sparse`` payloads, which windows of compressed
+    gradients store as values and indices (``lowbit_optax.scale_by_mfac``).
+    """
+
+    sparse: bool = False
+
+    def init(self, shape: tuple[int, ...]) -> Any:
+        del shape
+        return optax.MaskedNode()
+
+    def compress(self, x, state, key):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decompress(self, payload, shape):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, x: jax.Array, state: Any = None, key: jax.Array | None = None):
+        """``decompress(compress(x))`` and the new state: the compressed array, dense."""
+        state = optax.MaskedNode() if state is None else state
+        payload, state = self.compress(x, state, key)
+        return self.decompress(payload, tuple(x.shape)).astype(jnp.float32), state
+
+
+def _scatter(payload: Sparse, shape: tuple[int, ...]) -> jax.Array:
+    n = math.prod(shape)
+    dense = jnp.zeros((n,), jnp.float32).at[payload.indices].add(payload.values, mode="drop")
+    return dense.reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKCompressor(Compressor):
+    """Top-k by magnitude; see ``top_k``."""
+
+    density: float
+    block_size: int | None = None
+    sparse = True
+
+    def __post_init__(self) -> None:
+        _check_density(self.density)
+        b = self.block_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"block_size must be None (global) or a positive int, got {b!r}")
+
+    def k(self, n: int) -> int:
+        """Entries kept of an array of ``n`` values."""
+        if self.block_size is None:
+            return min(n, max(1, round(self.density * n)))
+        nb = -(-n // self.block_size)
+        return nb * min(self.block_size, max(1, round(self.density * self.block_size)))
+
+    def compress(self, x, state, key):
+        del key
+        flat = x.reshape(-1).astype(jnp.float32)
+        n = flat.shape[0]
+        if self.block_size is None:
+            _, idx = jax.lax.top_k(jnp.abs(flat), self.k(n))
+        else:
+            b = self.block_size
+            kb = min(b, max(1, round(self.density * b)))
+            nb = -(-n // b)
+            mag = jnp.pad(jnp.abs(flat), (0, nb * b - n), constant_values=-1.0)
+            _, local = jax.lax.top_k(mag.reshape(nb, b), kb)
+            idx = (local + (jnp.arange(nb) * b)[:, None]).reshape(-1)
+        idx = idx.astype(jnp.int32)
+        values = jnp.take(flat, idx, mode="fill", fill_value=0.0)
+        return Sparse(values, idx), state
+
+    def decompress(self, payload, shape):
+        return _scatter(payload, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomKCompressor(Compressor):
+    """``k`` distinct random entries, unscaled; see ``random_k``."""
+
+    density: float
+    sparse = True
+
+    def __post_init__(self) -> None:
+        _check_density(self.density)
+
+    def k(self, n: int) -> int:
+        return min(n, max(1, round(self.density * n)))
+
+    def compress(self, x, state, key):
+        if key is None:
+            raise ValueError("random_k needs a PRNG key: compress(x, state, key)")
+        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key)
+        flat = x.reshape(-1).astype(jnp.float32)
+        n = flat.shape[0]
+        idx = jax.random.choice(key, n, (self.k(n),), replace=False).astype(jnp.int32)
+        return Sparse(flat[idx], idx), state
+
+    def decompress(self, payload, shape):
+        return _scatter(payload, shape)
+
+
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    if len(shape) < 2:
+        return None
+    return math.prod(shape[:-1]), shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankCompressor(Compressor):
+    """PowerSGD with a warm-started ``Q``; see ``low_rank``."""
+
+    rank: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        r = self.rank
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"rank must be a positive int, got {r!r}")
+
+    def _compressed(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
+        mn = _matrix_shape(shape)
+        return mn if mn is not None and min(mn) > self.rank else None
+
+    def init(self, shape):
+        mn = self._compressed(tuple(shape))
+        if mn is None:
+            return optax.MaskedNode()
+        # a fixed Gaussian start (PowerSGD); later steps reuse the last Q
+        q = jax.random.normal(jax.random.key(self.seed), (mn[1], self.rank), jnp.float32)
+        return q
+
+    def compress(self, x, state, key):
+        del key
+        mn = self._compressed(tuple(x.shape))
+        if mn is None:
+            return x.astype(jnp.float32), state
+        mat = x.reshape(mn).astype(jnp.float32)
+        p, _ = jnp.linalg.qr(mat @ state)
+        q = mat.T @ p
+        # a non-finite input must not poison the warm start
+        q_next = jnp.where(jnp.all(jnp.isfinite(q)), q, state)
+        return LowRank(p, q), q_next
+
+    def decompress(self, payload, shape):
+        if self._compressed(tuple(shape)) is None:
+            return payload.astype(jnp.float32)
+        return (payload.p @ payload.q.T).reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeCompressor(Compressor):
+    """Block-wise quantization with a library codec; see ``quantizer``."""
+
+    bits: int
+    kind: str = "linear"
+    block_size: int = 128
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if self.bits not in qz.PACKABLE_BITS:
+            raise ValueError(f"bits must be one of {qz.PACKABLE_BITS}, got {self.bits!r}")
+        _ = self.codec  # validates kind, block size and rounding at construction
+
+    @property
+    def codec(self) -> qz.Codec:
+        if self.bits == 1:  # the scaled sign: levels {-1, +1}, scales replaced below
+            levels = np.array([-1.0, 1.0], np.float32)
+            return qz.make_codec(1, levels, signed=True, block_size=self.block_size)
+        return qz.make_codec(
+            self.bits, self.kind, signed=True, block_size=self.block_size, rounding=self.rounding
+        )
+
+    def compress(self, x, state, key):
+        x2 = x.reshape(-1).astype(jnp.float32) if x.ndim == 0 else x.astype(jnp.float32)
+        q = qz.quantize(x2, self.codec, key)
+        if self.bits == 1:
+            # the mean magnitude of each block's real entries (padding excluded)
+            n, b = x2.shape[-1], self.block_size
+            nb = -(-n // b)
+            mag = jnp.pad(jnp.abs(x2), [(0, 0)] * (x2.ndim - 1) + [(0, nb * b - n)])
+            counts = jnp.minimum(b, n - jnp.arange(nb) * b).astype(jnp.float32)
+            mean = jnp.sum(mag.reshape(*x2.shape[:-1], nb, b), axis=-1) / counts
+            q = dataclasses.replace(q, scales=mean.astype(q.scales.dtype))
+        return q, state
+
+    def decompress(self, payload, shape):
+        return qz.dequantize(payload).reshape(shape)
+
+
+def top_k(density: float, block_size: int | None = None) -> TopKCompressor:
+    """Keeps the ``round(density * n)`` entries of largest magnitude (at least one), over
+    the whole array or, with ``block_size``, ``round(density * block_size)`` per block of
+    the flattened array (cheaper to select, and spread over the array).
+
+    Payload: ``Sparse(values float32 (k,), indices int32 (k,))``: ``8 k`` bytes.
+    """
+    return TopKCompressor(density, block_size)
+
+
+def random_k(density: float) -> RandomKCompressor:
+    """``round(density * n)`` distinct uniformly random entries (unscaled). Payload
+    ``Sparse``; needs a PRNG key (``error_feedback`` supplies one per step)."""
+    return RandomKCompressor(density)
+
+
+def low_rank(rank: int, seed: int = 0) -> LowRankCompressor:
+    """PowerSGD: one warm-started power iteration per call on 2-D arrays (rank > 2 as
+    ``(prod(shape[:-1]), shape[-1])``); ``(m + n) r`` floats instead of ``m n``. Arrays
+    with ``min(m, n) <= rank`` or fewer than 2 dimensions pass through dense."""
+    return LowRankCompressor(rank, seed)
+
+
+def quantizer(
+    bits: int, kind: str = "linear", *, block_size: int = 128, rounding: str = "nearest"
+) -> QuantizeCompressor:
+    """Block-wise quantization along the last axis with a library codec
+    (``kind``: ``linear`` or ``dynamic``, signed; ``rounding``: ``nearest`` or
+    ``stochastic``). ``bits=1`` is the scaled sign ``mean(|x|) sign(x)`` per block.
+    Payload: a ``QuantizedArray`` (``bits`` per value plus one float32 scale per block)."""
+    return QuantizeCompressor(bits, kind, block_size, rounding)
+
+
+# ------------------------------------------------------------------------------------
+# The error-feedback transform
+# ------------------------------------------------------------------------------------
+
+
+class ErrorFeedbackState(NamedTuple):
+    """State of ``error_feedback``.
+
+    Attributes:
+      count: int32 steps taken.
+      key: raw ``uint32`` PRNG key data (random_k, stochastic rounding), folded with the
+        step and the leaf index.
+      error: the accumulator ``xi``, a tree like the params in ``accumulator_dtype``.
+      compressor_state: per leaf the compressor's state (PowerSGD's ``Q``;
+        ``optax.MaskedNode()`` where there is none).
+    """
+
+    count: jax.Array
+    key: jax.Array
+    error: Any
+    compressor_state: Any
+
+
+def error_feedback(
+    compressor: Compressor, *, accumulator_dtype: Any = jnp.float32, key: int = 0
+) -> optax.GradientTransformation:
+    """Error feedback around a compressor, per leaf: ``a = xi + g``, ``c = C(a)``,
+    ``xi <- a - c``; emits ``c`` (dense, in the gradient's dtype).
+
+    Chain it first: ``optax.chain(error_feedback(top_k(0.01)), optax.sgd(lr))``. Over
+    any number of steps the emitted ``c`` plus the final ``xi`` sum to the sum of the
+    gradients (exactly up to float rounding with a float32 accumulator).
+
+    Args:
+      compressor: a ``Compressor`` value (``top_k``, ``random_k``, ``low_rank``,
+        ``quantizer``).
+      accumulator_dtype: storage of ``xi`` (``float32`` or ``bfloat16``; bfloat16 halves
+        it at the cost of rounding the carried error to 8 bits of mantissa).
+      key: seed of the per-step keys (random_k, stochastic rounding).
+
+    A leaf whose gradient has a non-finite entry keeps its old ``xi`` (the emitted
+    update shows the NaN/inf; the state stays finite).
+
+    Memory per parameter: one ``accumulator_dtype`` value (4 or 2 bytes) plus the
+    compressor's state (PowerSGD: ``n r`` floats per ``m x n`` leaf).
+    """
+    if not isinstance(compressor, Compressor):
+        raise ValueError(
+            "compressor must be a Compressor value (top_k(0.01), random_k(...), "
+            f"low_rank(...), quantizer(...)), got {compressor!r}"
+        )
+    dt = jnp.dtype(accumulator_dtype)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(
+            f"accumulator_dtype must be float32 or bfloat16, got {accumulator_dtype!r}"
+        )
+
+    def init_fn(params: optax.Params) -> ErrorFeedbackState:
+        leaves = jax.tree.leaves(params)
+        return ErrorFeedbackState(
+            count=jnp.zeros([], jnp.int32),
+            key=jax.random.key_data(jax.random.key(key)).astype(jnp.uint32),
+            error=jax.tree.map(lambda p: jnp.zeros(p.shape, dt), params),
+            compressor_state=unflatten_like(
+                params, [compressor.init(tuple(p.shape)) for p in leaves]
+            ),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        return auto_axes_like_inputs(body, updates, state)
+
+    def body(updates, state):
+        leaves, treedef = jax.tree.flatten(updates)
+        errors = treedef.flatten_up_to(state.error)
+        cstates = treedef.flatten_up_to(state.compressor_state)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
+        out, new_err, new_cs = [], [], []
+        for i, (g, xi, cs) in enumerate(zip(leaves, errors, cstates, strict=True)):
+            a = xi.astype(jnp.float32) + g.astype(jnp.float32)
+            c, cs2 = compressor(a, cs, jax.random.fold_in(step_key, i))
+            ok = jnp.all(jnp.isfinite(g))
+            new_err.append(jnp.where(ok, a - c, xi.astype(jnp.float32)).astype(dt))
+            new_cs.append(jax.tree.map(lambda n, o, ok=ok: jnp.where(ok, n, o), cs2, cs))
+            out.append(c.astype(g.dtype))
+        return treedef.unflatten(out), ErrorFeedbackState(
+            optax.safe_increment(state.count),
+            state.key,
+            treedef.unflatten(new_err),
+            treedef.unflatten(new_cs),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
