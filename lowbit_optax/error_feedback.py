@@ -9,7 +9,8 @@ per-array memory (PowerSGD's warm start) keep it in ``state`` (``init(shape)``).
 * ``top_k(density, block_size=None)``: the ``k = round(density * n)`` entries of largest
   magnitude, globally or ``round(density * block_size)`` per block; payload ``Sparse``
   (float32 values and int32 indices into the flattened array).
-* ``random_k(density)``: ``k`` distinct uniformly random entries, unscaled (the
+* ``random_k(density)``: ``k`` distinct random entries (one uniform pick in each of ``k``
+  equal strata, so every entry is kept with probability ``k / n``), unscaled (the
   contractive form error feedback needs; the ``n / k``-scaled form is unbiased but not
   contractive). Payload ``Sparse``.
 * ``low_rank(rank)``: PowerSGD (Vogels et al. 2019) on 2-D arrays (rank > 2 viewed as
@@ -192,7 +193,14 @@ class RandomKCompressor(Compressor):
             key = jax.random.wrap_key_data(key)
         flat = x.reshape(-1).astype(jnp.float32)
         n = flat.shape[0]
-        idx = jax.random.choice(key, n, (self.k(n),), replace=False).astype(jnp.int32)
+        k = self.k(n)
+        # stratified: one uniform index in each of k equal strata of [0, n): distinct,
+        # every entry kept with probability k/n, and O(k) (a shuffle of n, as
+        # jax.random.choice(replace=False) does, took ~3x top_k's time on XLA CPU)
+        u = jax.random.uniform(key, (k,), jnp.float32)
+        edges = jnp.arange(k + 1, dtype=jnp.float32) * (n / k)
+        lo_, hi = jnp.ceil(edges[:-1]), jnp.ceil(edges[1:])
+        idx = jnp.minimum(lo_ + jnp.floor(u * (hi - lo_)), hi - 1).astype(jnp.int32)
         return Sparse(flat[idx], idx), state
 
     def decompress(self, payload, shape):
@@ -298,7 +306,8 @@ def top_k(density: float, block_size: int | None = None) -> TopKCompressor:
 
 
 def random_k(density: float) -> RandomKCompressor:
-    """``round(density * n)`` distinct uniformly random entries (unscaled). Payload
+    """``round(density * n)`` distinct random entries, one uniform pick per stratum of
+    ``n / k`` consecutive entries (unscaled). Payload
     ``Sparse``; needs a PRNG key (``error_feedback`` supplies one per step)."""
     return RandomKCompressor(density)
 

@@ -206,8 +206,11 @@ def _windowed(num_grads, compressor, key, apply_newest) -> optax.GradientTransfo
         d = flat.shape[0]
         slot = state.count % m
         ok = jnp.all(jnp.isfinite(flat))
+        # a non-finite gradient leaves the window, Gram and accumulator as they were: only
+        # the new row (and the Gram's row/column) is selected, not the whole m x d window
+        keep = lambda new, old: jnp.where(ok, new, old)
         if compressor is None:
-            values = state.values.at[slot].set(flat)
+            values = state.values.at[slot].set(keep(flat, state.values[slot]))
             indices, error = (), ()
             row_dense = flat
         else:
@@ -215,22 +218,15 @@ def _windowed(num_grads, compressor, key, apply_newest) -> optax.GradientTransfo
             a = state.error + flat
             payload, _ = compressor.compress(a, optax.MaskedNode(), step_key)
             row_dense = compressor.decompress(payload, (d,))
-            error = jnp.where(ok, a - row_dense, state.error)
-            values = state.values.at[slot].set(payload.values)
-            indices = state.indices.at[slot].set(payload.indices)
+            error = keep(a - row_dense, state.error)
+            values = state.values.at[slot].set(keep(payload.values, state.values[slot]))
+            indices = state.indices.at[slot].set(keep(payload.indices, state.indices[slot]))
         # the new Gram row/column: G x with the new row in place (K[s, s] = |x|^2)
-        row = _gx(values, indices, row_dense)
+        row = keep(_gx(values, indices, row_dense), state.gram[slot])
         gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
         u = apply_newest(values, indices, gram, slot, d)
-        # a non-finite gradient leaves the window, Gram and accumulator as they were
-        keep = lambda new, old: jnp.where(ok, new, old)
         new_state = ScaleByWindowState(
-            optax.safe_increment(state.count),
-            state.key,
-            keep(values, state.values),
-            indices if compressor is None else keep(indices, state.indices),
-            keep(gram, state.gram),
-            error,
+            optax.safe_increment(state.count), state.key, values, indices, gram, error
         )
         u = jnp.where(ok, u, flat)  # the update shows the NaN/inf itself
         out, start = [], 0

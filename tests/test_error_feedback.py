@@ -174,6 +174,15 @@ def test_random_k_picks_distinct_entries_and_depends_on_the_key():
     assert set(idx.tolist()) != set(np.asarray(p2.indices).tolist())
     with pytest.raises(ValueError, match="needs a PRNG key"):
         c.compress(x, (), None)
+    # every entry is kept with probability k / n = 0.1 (400 draws: ~40 each)
+    counts = np.zeros(200)
+    for i in range(400):
+        counts[np.asarray(c.compress(x, (), jax.random.key(100 + i))[0].indices)] += 1
+    assert counts.min() >= 15 and counts.max() <= 70, (counts.min(), counts.max())
+    # n not a multiple of k: still k distinct indices in range
+    p3, _ = ef.random_k(0.3).compress(jnp.arange(7.0), (), jax.random.key(2))
+    idx3 = np.asarray(p3.indices)
+    assert len(set(idx3.tolist())) == 2 and idx3.min() >= 0 and idx3.max() < 7
 
 
 def test_low_rank_is_one_warm_started_power_iteration():
