@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,28 +63,45 @@ FIELDS = {
 }
 
 
+def _bench_once(tmp_path_factory: pytest.TempPathFactory, name: str, argv: list[str]) -> Path:
+    """Runs ``python -m lowbit_optax.bench *argv --out DIR`` once per test run, also under
+    pytest-xdist: the first worker to create the run's shared folder (an atomic mkdir)
+    runs it, the others wait for its ``done`` marker. (``--dist loadgroup`` did not keep
+    the tests of a group on one worker with this pytest-xdist, so each worker ran its
+    own copy.)"""
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if uid is None:
+        out, owner = tmp_path_factory.mktemp(name), True
+    else:
+        out = tmp_path_factory.getbasetemp().parent / f"{name}-{uid}"
+        try:
+            out.mkdir(parents=True)
+            owner = True
+        except FileExistsError:
+            owner = False
+    marker = out / "done"
+    if owner:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lowbit_optax.bench", *argv, "--out", str(out)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        marker.write_text("ok" if proc.returncode == 0 else proc.stderr[-3000:])
+    deadline = time.monotonic() + 900
+    while not marker.exists():
+        assert time.monotonic() < deadline, f"timed out waiting for the {name} bench run"
+        time.sleep(1)
+    status = marker.read_text()
+    assert status == "ok", status
+    return out
+
+
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Output folder of one ``--quick`` run with every registered optimizer."""
-    out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lowbit_optax.bench",
-            "--quick",
-            "--optimizers",
-            ",".join(QUICK),
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    """Output folder of one ``--quick`` run with the QUICK optimizers."""
+    return _bench_once(tmp_path_factory, "quick", ["--quick", "--optimizers", ",".join(QUICK)])
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +110,6 @@ def results(quick_run: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_run")  # one worker builds the run, once
 def test_quick_run_writes_three_files(quick_run: Path) -> None:
     for name in ("results.json", "results.md", "results.png"):
         assert (quick_run / name).stat().st_size > 0
@@ -99,7 +117,6 @@ def test_quick_run_writes_three_files(quick_run: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_run")  # one worker builds the run, once
 def test_results_json_has_every_task_and_optimizer(results: dict[str, Any]) -> None:
     assert results["meta"]["reference"] == registry.REFERENCE
     assert set(results["tasks"]) == set(TASKS)
@@ -114,7 +131,6 @@ def test_results_json_has_every_task_and_optimizer(results: dict[str, Any]) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_run")  # one worker builds the run, once
 def test_adamw_state_is_two_float32_moments_and_counts(results: dict[str, Any]) -> None:
     for task_name, task in results["tasks"].items():
         rec = task["results"]["adamw"]
@@ -128,7 +144,6 @@ def test_adamw_state_is_two_float32_moments_and_counts(results: dict[str, Any]) 
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_run")  # one worker builds the run, once
 def test_training_tasks_record_losses_and_curves(results: dict[str, Any]) -> None:
     for task_name in ("lm", "digits"):
         task = results["tasks"][task_name]
@@ -146,7 +161,6 @@ def test_training_tasks_record_losses_and_curves(results: dict[str, Any]) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_run")  # one worker builds the run, once
 def test_results_md_has_a_row_per_optimizer(quick_run: Path) -> None:
     md = (quick_run / "results.md").read_text()
     sections = md.split("\n## ")[1:]
@@ -284,23 +298,14 @@ def test_missing_extras_give_an_install_hint(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.fixture(scope="session")
 def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A ``--quick`` lm sweep over two learning rates with SlimAdam calibration."""
-    out = tmp_path_factory.mktemp("sweep")
     argv = ["--quick", "--task", "lm", "--optimizers", "slim_adamw"]  # calibrates by default
-    argv += ["--calibrate-steps", "8", "--lrs", "1e-3,3e-3", "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "lowbit_optax.bench", *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv += ["--calibrate-steps", "8", "--lrs", "1e-3,3e-3"]
+    out = _bench_once(tmp_path_factory, "sweep", argv)
     md = (out / "results.md").read_text()
     return {"json": json.loads((out / "results.json").read_text()), "md": md}
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("sweep_run")  # one worker builds the run, once
 def test_sweep_runs_each_lr_and_reports_the_best(sweep_run: dict[str, Any]) -> None:
     results = sweep_run["json"]
     assert list(results["tasks"]) == ["lm@lr=0.001", "lm@lr=0.003"]
@@ -318,7 +323,6 @@ def test_sweep_runs_each_lr_and_reports_the_best(sweep_run: dict[str, Any]) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("sweep_run")  # one worker builds the run, once
 def test_calibration_rules_are_the_ones_trained_with(sweep_run: dict[str, Any]) -> None:
     import lowbit_optax
 
