@@ -62,7 +62,6 @@ __all__ = [
     "scale_by_mfac",
     "sparse_ggt",
     "sparse_mfac",
-    "window_matrix",
 ]
 
 HIGH_PRECISION_DAMPING = 1e-6
@@ -94,16 +93,6 @@ class ScaleByWindowState(NamedTuple):
 # ------------------------------------------------------------------------------------
 
 
-def window_matrix(values: jax.Array, indices: Any, d: int) -> jax.Array:
-    """The dense ``m x d`` window (for tests and inspection; the transforms never build
-    it for sparse windows)."""
-    if isinstance(indices, tuple):
-        return values
-    m = values.shape[0]
-    rows = jnp.broadcast_to(jnp.arange(m)[:, None], indices.shape)
-    return jnp.zeros((m, d), values.dtype).at[rows, indices].add(values, mode="drop")
-
-
 def _gx(values, indices, x):
     """``G x`` (``m``)."""
     if isinstance(indices, tuple):
@@ -119,14 +108,24 @@ def _gty(values, indices, y, d):
     return jnp.zeros((d,), contrib.dtype).at[indices.reshape(-1)].add(contrib, mode="drop")
 
 
+def _damped_gram(gram, damping, m, dtype):
+    """M-FAC's small system ``lam m I + K`` in ``dtype``."""
+    k = gram.astype(dtype)
+    return damping * m * jnp.eye(k.shape[0], dtype=dtype) + k
+
+
+def _gram_eig(gram, floor):
+    """GGT's ``K + floor I = V S^2 V^T``: ``(S, V)`` with ``S >= sqrt(floor)``."""
+    lam, v = jnp.linalg.eigh(gram + floor * jnp.eye(gram.shape[0], dtype=gram.dtype))
+    return jnp.sqrt(jnp.maximum(lam, floor)), v
+
+
 def mfac_apply(values, indices, gram, x, damping, num_grads=None):
     """The paper's closed form ``(1/lam)(x - G^T (lam m I + K)^{-1} G x)`` for any ``x``,
     in the dtype of its inputs (pass float64 arrays for a float64 evaluation)."""
     m = values.shape[0] if num_grads is None else num_grads
     d = x.shape[0]
-    y = jnp.linalg.solve(
-        damping * m * jnp.eye(gram.shape[0], dtype=gram.dtype) + gram, _gx(values, indices, x)
-    )
+    y = jnp.linalg.solve(_damped_gram(gram, damping, m, gram.dtype), _gx(values, indices, x))
     return (x - _gty(values, indices, y, d)) / damping
 
 
@@ -134,8 +133,7 @@ def ggt_apply(values, indices, gram, x, eps, floor=1e-6):
     """The paper's ``U (S + eps)^{-1} U^T x + (x - U U^T x) / eps`` for any ``x``, with
     ``K + floor I = V S^2 V^T`` and ``U = G^T V S^{-1}``."""
     d = x.shape[0]
-    lam, v = jnp.linalg.eigh(gram + floor * jnp.eye(gram.shape[0], dtype=gram.dtype))
-    s = jnp.sqrt(jnp.maximum(lam, floor))
+    s, v = _gram_eig(gram, floor)
     utx = (v.T @ _gx(values, indices, x)) / s
     ux1 = _gty(values, indices, v @ (utx / (s + eps) / s), d)
     uux = _gty(values, indices, v @ (utx / s), d)
@@ -144,19 +142,16 @@ def ggt_apply(values, indices, gram, x, eps, floor=1e-6):
 
 def _mfac_newest(values, indices, gram, slot, damping, m, d, solve_dtype):
     """``F^{-1} x`` for the newest row ``x = G^T e_slot``: ``m G^T (lam m I + K)^{-1} e_s``."""
-    k = gram.astype(solve_dtype)
-    e = jax.nn.one_hot(slot, k.shape[0], dtype=solve_dtype)
+    e = jax.nn.one_hot(slot, gram.shape[0], dtype=solve_dtype)
     # lam m I + K is symmetric positive definite: Cholesky
-    z = jax.scipy.linalg.cho_solve(
-        jax.scipy.linalg.cho_factor(damping * m * jnp.eye(k.shape[0], dtype=solve_dtype) + k), e
-    )
+    lhs = _damped_gram(gram, damping, m, solve_dtype)
+    z = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(lhs), e)
     return m * _gty(values, indices, z.astype(jnp.float32), d)
 
 
 def _ggt_newest(values, indices, gram, slot, eps, d, floor=1e-6):
     """``((G^T G)^{1/2} + eps I)^{-1} x`` for the newest row: ``G^T V (S + eps)^{-1} V^T e_s``."""
-    lam, v = jnp.linalg.eigh(gram + floor * jnp.eye(gram.shape[0], dtype=gram.dtype))
-    s = jnp.sqrt(jnp.maximum(lam, floor))
+    s, v = _gram_eig(gram, floor)
     return _gty(values, indices, v @ (v[slot] / (s + eps)), d)
 
 
