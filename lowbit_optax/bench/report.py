@@ -24,9 +24,10 @@ How to read this:
 - Step times are medians over chunks of `log_every` steps. Projection optimizers
   refresh their projector only every so many steps (GaLore's SVD when
   `count % 200 == 0`); those steps fall into a few chunks only, so the medians are
-  steady-state costs. *amortized ratio* (projection optimizers only): the time of one run
-  of as many consecutive updates as the longest refresh period (200), which contains
-  every refresh at its rate, over adamw's time for the same run.
+  steady-state costs. *amortized ratio* (projection optimizers only): the median time
+  of runs of as many consecutive updates as the longest refresh period (200), which
+  contain every refresh at its rate, over adamw's median for the same runs (3 rounds,
+  round-robin).
 - *compiled MiB*: XLA's planned temp + output bytes of the compiled program
   (`memory_analysis()`; the training step for lm/digits, the update for `update`).
   *peak MiB*: the device's process-wide `peak_bytes_in_use` (n/a where the backend does

@@ -71,6 +71,8 @@ class Plan:
       eval_every: steps between evaluations (a multiple of ``log_every``).
       rounds: round-robin rounds of the update micro-benchmark.
       calls: timed update calls per optimizer per round.
+      amortized_rounds: round-robin rounds of the amortized runs (one run = one
+        longest event period of consecutive updates per optimizer).
     """
 
     steps: int
@@ -79,6 +81,7 @@ class Plan:
     eval_every: int = 50
     rounds: int = 5
     calls: int = 5
+    amortized_rounds: int = 3
 
 
 @dataclasses.dataclass
@@ -242,32 +245,42 @@ def time_updates(trials: list[Trial], params0: Any, plan: Plan, seed: int, bar: 
     for trial in trials:
         if trial.name in stats:
             trial.record["update_ms"], trial.record["update_ratio"] = stats[trial.name]
-    time_amortized(trials, loops, grads, bar)
+    time_amortized(trials, loops, grads, plan.amortized_rounds, bar)
 
 
 def time_amortized(
-    trials: list[Trial], loops: dict[str, DonatedLoop], grads: Any, bar: tqdm
+    trials: list[Trial], loops: dict[str, DonatedLoop], grads: Any, rounds: int, bar: tqdm
 ) -> None:
-    """For optimizers with periodic extra work (``registry.event_period``): one run of
-    ``window`` consecutive updates (the longest period among them), which contains every
-    periodic event at its rate (GaLore's SVD once per 200 steps, ...), and the same for
-    the reference; ``update_amortized_ms`` is its time per update."""
+    """For optimizers with periodic extra work (``registry.event_period``): runs of
+    ``window`` consecutive updates (the longest period among them), each containing every
+    periodic event at its rate (GaLore's SVD once per 200 steps, ...), for them and the
+    reference, round-robin over ``rounds`` rounds; ``update_amortized_ms`` is the median
+    time per update and ``update_amortized_ratio`` its ratio to the reference's median."""
     live = {t.name for t in _alive(trials)} & set(loops)
     periods = {n: registry.event_period(n) for n in live}
     periods = {n: p for n, p in periods.items() if p}
     if not periods or registry.REFERENCE not in live:
         return
     window = max(periods.values())
-    bar.set_postfix_str(f"timing {window} consecutive updates")
-    amortized = {}
-    for name in [registry.REFERENCE, *periods]:
-        seconds, _ = loops[name].run([(grads,)] * window)
-        amortized[name] = seconds * 1e3 / window
+    bar.set_postfix_str(f"timing {rounds} x {window} consecutive updates")
+
+    def timed(loop: DonatedLoop) -> Callable[[], float]:
+        return lambda: loop.run([(grads,)] * window)[0] * 1e3 / window
+
+    samples, errors = round_robin(
+        {name: timed(loops[name]) for name in [registry.REFERENCE, *sorted(periods)]}, rounds
+    )
+    _fail(trials, errors)
+    stats = medians_and_ratios(samples, registry.REFERENCE)
     for trial in trials:
-        if trial.name in amortized:
-            ms = amortized[trial.name]
+        if trial.name in periods and trial.name in stats:
+            ms, ratio = stats[trial.name]
             trial.record["update_amortized_ms"] = ms
-            trial.record["update_amortized_ratio"] = ms / amortized[registry.REFERENCE]
+            trial.record["update_amortized_ratio"] = ratio
+    if registry.REFERENCE in stats:
+        ref = next(t for t in trials if t.name == registry.REFERENCE)
+        ref.record["update_amortized_ms"] = stats[registry.REFERENCE][0]
+        ref.record["update_amortized_ratio"] = 1.0
 
 
 @dataclasses.dataclass
@@ -490,7 +503,15 @@ class LMTask(TrainingTask):
     def plan(self, settings: Settings) -> Plan:
         """300 steps at lr 1e-3 (quick: 20 steps)."""
         if settings.quick:
-            base = Plan(steps=20, lr=3e-3, log_every=5, eval_every=10, rounds=2, calls=2)
+            base = Plan(
+                steps=20,
+                lr=3e-3,
+                log_every=5,
+                eval_every=10,
+                rounds=2,
+                calls=2,
+                amortized_rounds=1,
+            )
         else:
             base = Plan(steps=300, lr=1e-3, log_every=10, eval_every=50, rounds=5, calls=5)
         return _override(base, settings)
@@ -545,7 +566,15 @@ class DigitsTask(TrainingTask):
     def plan(self, settings: Settings) -> Plan:
         """500 steps at lr 1e-3 (quick: 20 steps)."""
         if settings.quick:
-            base = Plan(steps=20, lr=3e-3, log_every=5, eval_every=10, rounds=2, calls=5)
+            base = Plan(
+                steps=20,
+                lr=3e-3,
+                log_every=5,
+                eval_every=10,
+                rounds=2,
+                calls=5,
+                amortized_rounds=1,
+            )
         else:
             base = Plan(steps=500, lr=1e-3, log_every=10, eval_every=50, rounds=5, calls=20)
         return _override(base, settings)
@@ -621,7 +650,13 @@ class UpdateTask:
         steps = settings.steps if settings.steps is not None else (4 if settings.quick else 30)
         lr = settings.lr if settings.lr is not None else 1e-3
         calls = max(1, steps // rounds)
-        return Plan(steps=rounds * calls, lr=lr, rounds=rounds, calls=calls)
+        return Plan(
+            steps=rounds * calls,
+            lr=lr,
+            rounds=rounds,
+            calls=calls,
+            amortized_rounds=1 if settings.quick else 3,
+        )
 
     def run(self, optimizers: Mapping[str, registry.Factory], settings: Settings) -> Record:
         """Round-robin timing of the donated update on fixed random gradients."""
