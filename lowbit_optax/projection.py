@@ -503,8 +503,7 @@ def low_rank_projection(
             moved = () if moments == "keep" else (mu_all[i], nu_all[i])
 
             # One conditional per leaf for the projector and (SubTrack++) its moments:
-            # the r x r x M rotation is paid only at a change, and the moments cross one
-            # conditional, not two.
+            # the r x r x M rotation is paid only at a change.
             def changed(s32=s32, gk=gk, mk=mk, key_i=key_i, moved=moved, lf=lf):
                 sn = proj.refresh(s32, gk, mk, count, update_interval, key_i)
                 sn = sn.astype(jnp.float32)

@@ -319,6 +319,13 @@ def _chunks(plan: Plan) -> list[tuple[int, int, bool]]:
     return out
 
 
+def _quick_plan(calls: int) -> Plan:
+    """The ``--quick`` plan of a training task: 20 steps, one amortized round."""
+    return Plan(
+        steps=20, lr=3e-3, log_every=5, eval_every=10, rounds=2, calls=calls, amortized_rounds=1
+    )
+
+
 class TrainingTask:
     """Shared driver of ``lm`` and ``digits``; subclasses define plans and the problem."""
 
@@ -503,15 +510,7 @@ class LMTask(TrainingTask):
     def plan(self, settings: Settings) -> Plan:
         """300 steps at lr 1e-3 (quick: 20 steps)."""
         if settings.quick:
-            base = Plan(
-                steps=20,
-                lr=3e-3,
-                log_every=5,
-                eval_every=10,
-                rounds=2,
-                calls=2,
-                amortized_rounds=1,
-            )
+            base = _quick_plan(calls=2)
         else:
             base = Plan(steps=300, lr=1e-3, log_every=10, eval_every=50, rounds=5, calls=5)
         return _override(base, settings)
@@ -566,15 +565,7 @@ class DigitsTask(TrainingTask):
     def plan(self, settings: Settings) -> Plan:
         """500 steps at lr 1e-3 (quick: 20 steps)."""
         if settings.quick:
-            base = Plan(
-                steps=20,
-                lr=3e-3,
-                log_every=5,
-                eval_every=10,
-                rounds=2,
-                calls=5,
-                amortized_rounds=1,
-            )
+            base = _quick_plan(calls=5)
         else:
             base = Plan(steps=500, lr=1e-3, log_every=10, eval_every=50, rounds=5, calls=20)
         return _override(base, settings)
