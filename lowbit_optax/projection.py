@@ -36,7 +36,9 @@ pre-increment step count ``t`` (``t = 0, T, 2T, ...``, ``T = update_interval``):
   ``S <- (S v cos(theta) - u sin(theta)) v^T + S (I - v v^T)`` (keeps ``S``
   orthonormal). **Decision:** ``theta = step_size * sigma / |Gk|_F**2`` (the paper's
   ``eta * sigma`` scales with ``|G|**2``), and the math of the paper rather than the
-  official code (its tangent vanishes for ``m >= n``; it moved uphill).
+  official code (its tangent vanishes for ``m >= n``; it moved uphill). The step changes
+  ``S`` by rank 1, so an event updates the step's projected gradient ``S^T Gk`` by
+  rank 1 instead of recomputing it.
 
 ``moments``: what happens to the inner state when ``S`` changes: ``keep`` (GaLore, COAP),
 ``reset`` (zero the inner ``mu``/``nu`` of that leaf) or ``rotate`` (SubTrack++: with
@@ -151,7 +153,25 @@ def coap_loss_grad(s: jax.Array, gk: jax.Array, mk: jax.Array) -> jax.Array:
 def geodesic_step(s: jax.Array, gk: jax.Array, step_size: float | jax.Array) -> jax.Array:
     """One SubTrack step on the Grassmannian, downhill on ``|Gk - S S^T Gk|^2``, with the
     scale-free angle ``step_size * sigma / |Gk|_F^2``. Keeps ``S`` orthonormal."""
-    a = s.T @ gk
+    return geodesic_step_projected(s, gk, s.T @ gk, step_size)[0]
+
+
+def geodesic_step_projected(
+    s: jax.Array, gk: jax.Array, a: jax.Array, step_size: float | jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``geodesic_step`` given ``A = S^T Gk``; also returns ``S_new^T Gk``.
+
+    The step is a rank-1 update ``S_new = S + w v^T`` with
+    ``w = S v (cos(theta) - 1) - u sin(theta)``, so
+    ``S_new^T Gk = A + v ((cos(theta) - 1) v^T A - sin(theta) u^T Gk)``: one ``K x M``
+    matrix-vector product instead of a ``K x M x r`` product.
+    """
+    s_new, v, q = _geodesic(s, gk, a, step_size)
+    return s_new, a + jnp.outer(v, q)
+
+
+def _geodesic(s, gk, a, step_size):
+    """``(S_new, v, q)`` of the geodesic step, with ``S_new^T Gk = A + v q^T``."""
     # Riemannian gradient of the loss, K x r: -2 R A^T with R = Gk - S A, evaluated as
     # -2 (Gk A^T - S (A A^T)), one K x M x r product fewer
     tangent = -2.0 * (gk @ a.T - s @ (a @ a.T))
@@ -164,8 +184,15 @@ def geodesic_step(s: jax.Array, gk: jax.Array, step_size: float | jax.Array) -> 
     u1 = jnp.where(s1 > 0, tv / jnp.where(s1 > 0, s1, 1.0), 0.0)
     energy = jnp.sum(gk**2)
     theta = jnp.where(energy > 0, step_size * s1 / jnp.where(energy > 0, energy, 1.0), 0.0)
-    sv = s @ v1
-    return jnp.outer(sv * jnp.cos(theta) - u1 * jnp.sin(theta), v1) + s - jnp.outer(sv, v1)
+    cos1, sin = jnp.cos(theta) - 1.0, jnp.sin(theta)
+    s_new = s + jnp.outer((s @ v1) * cos1 - u1 * sin, v1)
+    return s_new, v1, cos1 * (v1 @ a) - sin * (u1 @ gk)
+
+
+def _low_projection(s: jax.Array, gk: jax.Array, right: bool) -> jax.Array:
+    """``S^T Gk`` in the inner state's orientation (``Gk^T S``, i.e. ``G S``, on the
+    right), written as the product XLA lays out row-major in that shape."""
+    return gk.T @ s if right else s.T @ gk
 
 
 class Projector:
@@ -174,10 +201,20 @@ class Projector:
     the increment) from the oriented float32 gradient ``gk`` (``K x M``), the inner first
     moment ``mk`` in ``A``'s orientation (``r x M``; the projected gradient when the inner
     state has none) and a PRNG key. ``count == 0`` is the first event: ``s`` is then the
-    placeholder ``init`` made (the first ``r`` columns of the identity)."""
+    placeholder ``init`` made (the first ``r`` columns of the identity). The wrapper calls
+    ``refresh_projected``, which also returns the new projected gradient."""
 
     def refresh(self, s, gk, mk, count, interval, key):  # pragma: no cover - interface
         raise NotImplementedError
+
+    def refresh_projected(self, s, gk, low, mk, count, interval, key, right):
+        """``refresh``, also returning the new projected gradient: given ``low``, the
+        current ``S^T Gk`` in the inner state's orientation (its transpose if ``right``;
+        computed on every step anyway), returns the new ``S`` and the new ``low``
+        (float32). The default recomputes the product; a projector whose step is a cheap
+        update of ``S`` (SubTrack's rank-1 geodesic step) overrides it to reuse ``low``."""
+        s_new = self.refresh(s, gk, mk, count, interval, key).astype(jnp.float32)
+        return s_new, _low_projection(s_new, gk, right)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,12 +297,20 @@ class SubTrackProjector(Projector):
     step_size: float = 1.0
 
     def refresh(self, s, gk, mk, count, interval, key):
+        return self.refresh_projected(s, gk, s.T @ gk, mk, count, interval, key, False)[0]
+
+    def refresh_projected(self, s, gk, low, mk, count, interval, key, right):
         del mk, interval, key
-        return jax.lax.cond(
-            count == 0,
-            lambda: top_subspace(gk, s.shape[1]),
-            lambda: geodesic_step(s, gk, self.step_size),
-        )
+
+        def first():
+            s_new = top_subspace(gk, s.shape[1])
+            return s_new, _low_projection(s_new, gk, right)
+
+        def track():
+            s_new, v, q = _geodesic(s, gk, low.T if right else low, self.step_size)
+            return s_new, low + (jnp.outer(q, v) if right else jnp.outer(v, q))
+
+        return jax.lax.cond(count == 0, first, track)
 
 
 _NAMED = {
@@ -489,31 +534,39 @@ def low_rank_projection(
             nu_all = treedef.flatten_up_to(optax.tree_utils.tree_get(state.inner_state, "nu"))
             new_mu, new_nu = list(mu_all), list(nu_all)
 
-        new_s, low = [], []
+        new_s, low, low32 = [], [], []
         for i, (g, lf, s) in enumerate(zip(leaves, layout, s_old, strict=True)):
             if not lf.projected:
                 new_s.append(s)
                 low.append(g)
+                low32.append(None)
                 continue
             gk = _orient(g, lf)
             s32 = s.astype(jnp.float32)
-            mk = _to_a(mus[i].astype(jnp.float32), lf) if mus is not None else s32.T @ gk
+            # the projected gradient while S stays, in the inner state's orientation
+            low_g = _low_projection(s32, gk, lf.right)
+            mk = _to_a(mus[i].astype(jnp.float32), lf) if mus is not None else _to_a(low_g, lf)
             ok = event & jnp.all(jnp.isfinite(gk))
             key_i = jax.random.fold_in(step_key, i)
             moved = () if moments == "keep" else (mu_all[i], nu_all[i])
 
-            # One conditional per leaf for the projector and (SubTrack++) its moments:
-            # the r x r x M rotation is paid only at a change.
-            def changed(s32=s32, gk=gk, mk=mk, key_i=key_i, moved=moved, lf=lf):
-                sn = proj.refresh(s32, gk, mk, count, update_interval, key_i)
+            # One conditional per leaf for the projector, the projected gradient and
+            # (SubTrack++) the moments: the r x r x M rotation is paid only at a change.
+            def changed(s32=s32, gk=gk, low_g=low_g, mk=mk, key_i=key_i, moved=moved, lf=lf):
+                sn, low_n = proj.refresh_projected(
+                    s32, gk, low_g, mk, count, update_interval, key_i, lf.right
+                )
                 sn = sn.astype(jnp.float32)
-                return sn, _moved_moments(moved, s32, sn, lf, moments)
+                return sn, low_n, _moved_moments(moved, s32, sn, lf, moments)
 
-            s_new, moved = jax.lax.cond(ok, changed, lambda s32=s32, moved=moved: (s32, moved))
+            s_new, low_g, moved = jax.lax.cond(
+                ok, changed, lambda s32=s32, low_g=low_g, moved=moved: (s32, low_g, moved)
+            )
             new_s.append(s_new)
+            low32.append(low_g)
             if moments != "keep":
                 new_mu[i], new_nu[i] = moved
-            low.append(_to_a(s_new.T @ gk, lf).astype(g.dtype))
+            low.append(low_g.astype(g.dtype))
 
         inner_state = state.inner_state
         if moments != "keep":
@@ -531,7 +584,9 @@ def low_rank_projection(
             ua = _to_a(u.astype(jnp.float32), lf)
             full = s_new @ ua
             if recover:
-                term, norms[i] = _recovered(_orient(g, lf), s_new, ua, norms[i], recover_limit)
+                term, norms[i] = _recovered(
+                    _orient(g, lf), s_new, _to_a(low32[i], lf), ua, norms[i], recover_limit
+                )
                 full = full + term
             full = full.T if lf.right else full
             out.append((scale * full).reshape(lf.shape).astype(g.dtype))
@@ -552,11 +607,11 @@ def low_rank_projection(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _recovered(gk, s, ua, last_norm, limit):
-    """Fira's recovered term ``phi R`` (``R = Gk - S S^T Gk``, ``phi = |U| / |S^T Gk|``)
-    with the norm-growth limiter: if ``|phi R| > limit * last_norm`` (and there is a last
-    norm) it is scaled down to ``limit * last_norm``. Returns the term and its norm."""
-    a = s.T @ gk
+def _recovered(gk, s, a, ua, last_norm, limit):
+    """Fira's recovered term ``phi R`` (``R = Gk - S A``, ``A = S^T Gk``,
+    ``phi = |U| / |A|``) with the norm-growth limiter: if ``|phi R| > limit * last_norm``
+    (and there is a last norm) it is scaled down to ``limit * last_norm``. Returns the
+    term and its norm."""
     resid = gk - s @ a
     na = jnp.linalg.norm(a)
     phi = jnp.where(na > 0, jnp.linalg.norm(ua) / jnp.where(na > 0, na, 1.0), 0.0)

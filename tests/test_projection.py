@@ -95,6 +95,43 @@ def test_projection_and_back_projection_identities(shape):
 
 
 @pytest.mark.parametrize("shape", SIDES)
+@pytest.mark.parametrize(
+    "projector",
+    [pj.SVDProjector(), pj.COAPProjector(reproject_factor=2), pj.SubTrackProjector(5.0)],
+)
+def test_update_is_the_projection_onto_the_new_subspace_at_every_event(shape, projector):
+    """At each step, events included (SubTrack's reuses the old projection and updates it
+    by rank 1), the identity-inner update is ``S S^T Gk`` with the ``S`` stored after
+    that step (float64 reference)."""
+    r = 6
+    tx = jax.jit(
+        pj.low_rank_projection(
+            optax.identity(),
+            rank=r,
+            projector=projector,
+            scale=1.0,
+            min_dim=1,
+            update_interval=1,
+        ).update
+    )
+    init = pj.low_rank_projection(optax.identity(), rank=r, min_dim=1).init
+    state = init({"w": jnp.zeros(shape)})
+    moved = 0.0
+    for i in range(5):
+        g = _g(shape, 20 + i) + 3.0 * _g(shape, 19)  # a shared part keeps S meaningful
+        s_before = np.asarray(state.projectors["w"], np.float64)
+        u, state = tx({"w": g}, state)
+        s = np.asarray(state.projectors["w"], np.float64)
+        if i:
+            moved = max(moved, float(np.abs(s - s_before).max()))
+        gk = _orient64(g)
+        want = s @ (s.T @ gk)
+        want = want.T if shape[0] >= shape[1] else want
+        np.testing.assert_allclose(u["w"], want, atol=2e-5 * np.abs(want).max())
+    assert moved > 1e-3  # the events after step 0 did change S
+
+
+@pytest.mark.parametrize("shape", SIDES)
 def test_svd_projector_spans_the_top_singular_subspace(shape):
     rng = np.random.default_rng(2)
     u0, _ = np.linalg.qr(rng.standard_normal((shape[0], shape[0])))
@@ -190,6 +227,19 @@ def test_subtrack_step_is_invariant_to_the_gradient_scale():
     a = pj.geodesic_step(s, g, 0.5)
     b = pj.geodesic_step(s, 1e-4 * g, 0.5)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SIDES)
+def test_subtrack_step_updates_the_projected_gradient(shape):
+    """The rank-1 update of ``A`` that the step returns equals ``S_new^T Gk`` (float64
+    product of the returned ``S_new``), for a large step and a subspace far from ``Gk``'s."""
+    gk = _orient_jax(_g(shape, 7))
+    s = pj.top_subspace(_orient_jax(_g(shape, 8)), 6)
+    s_new, a_new = pj.geodesic_step_projected(s, gk, s.T @ gk, 20.0)
+    ref = np.asarray(s_new, np.float64).T @ np.asarray(gk, np.float64)
+    assert float(jnp.max(jnp.abs(s_new - s))) > 0.05  # the step moved S
+    np.testing.assert_allclose(a_new, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(s_new, pj.geodesic_step(s, gk, 20.0), atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------
