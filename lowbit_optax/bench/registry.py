@@ -248,7 +248,7 @@ register(
     "sparse_mfac",
     lambda lr: lowbit_optax.sparse_mfac(lr, weight_decay=WEIGHT_DECAY),
     "lowbit_optax.sparse_mfac (m = 1024, error-feedback top-k at 1% density, damping 1e-4)",
-    tasks=("digits",),
+    tasks=("digits", "lm"),
 )
 register(
     "ggt",
@@ -261,6 +261,6 @@ register(
     "sparse_ggt",
     lambda lr: lowbit_optax.sparse_ggt(lr, weight_decay=WEIGHT_DECAY),
     "lowbit_optax.sparse_ggt (r = 100, error-feedback top-k at 1% density, eps 1e-5)",
-    tasks=("digits",),
+    tasks=("digits", "lm"),
     lr_scale=300.0,
 )
