@@ -153,7 +153,7 @@ def coap_loss_grad(s: jax.Array, gk: jax.Array, mk: jax.Array) -> jax.Array:
 def geodesic_step(s: jax.Array, gk: jax.Array, step_size: float | jax.Array) -> jax.Array:
     """One SubTrack step on the Grassmannian, downhill on ``|Gk - S S^T Gk|^2``, with the
     scale-free angle ``step_size * sigma / |Gk|_F^2``. Keeps ``S`` orthonormal."""
-    return geodesic_step_projected(s, gk, s.T @ gk, step_size)[0]
+    return _geodesic(s, gk, s.T @ gk, step_size)[0]
 
 
 def geodesic_step_projected(

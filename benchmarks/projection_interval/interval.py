@@ -14,7 +14,7 @@ import sys
 import lowbit_optax
 from lowbit_optax.bench import registry, tasks
 
-_PROJ = dict(rank=0.25, weight_decay=registry.WEIGHT_DECAY, projection_mask=registry._matrices_only)
+_PROJ = registry._PROJ  # rank 1/4, weight decay, projection mask: as the registry's
 
 
 def optimizers(interval: int) -> dict:
