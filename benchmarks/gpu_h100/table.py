@@ -33,7 +33,8 @@ def main():
             print(
                 f"| {task} | {name} | {rec['bytes_per_param']:.3f} | {ms(rec.get('update_ms'))} "
                 f"| {ratio(rec.get('update_ratio'))} | {ratio(rec.get('update_amortized_ratio'))} "
-                f"| {ms(rec.get('step_ms'))} | {ratio(rec.get('step_ratio'))} | {compiled} | {loss} |"
+                f"| {ms(rec.get('step_ms'))} | {ratio(rec.get('step_ratio'))} "
+                f"| {compiled} | {loss} |"
             )
 
 
