@@ -19,7 +19,13 @@ import pytest
 
 from lowbit_optax.bench import __main__ as cli
 from lowbit_optax.bench import registry
-from lowbit_optax.bench.timing import describe_error, medians_and_ratios, round_robin
+from lowbit_optax.bench.timing import (
+    describe_error,
+    interleaved_runs,
+    medians_and_ratios,
+    round_robin,
+    split,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("lm", "digits", "update")
@@ -231,6 +237,42 @@ def test_round_robin_interleaves_and_isolates_failures() -> None:
     assert samples == {"a": [1.0, 1.0, 1.0], "broken": [], "b": [2.0, 2.0, 2.0]}
     assert errors == {"broken": "error: RuntimeError: boom"}
     assert describe_error(ValueError()) == "error: ValueError: "
+
+
+def test_split_sums_to_the_total_in_near_equal_pieces() -> None:
+    assert split(200, 8) == [25] * 8
+    assert split(10, 4) == [3, 3, 2, 2]
+    assert split(3, 8) == [1, 1, 1]
+    with pytest.raises(ValueError, match="total >= 1"):
+        split(0, 8)
+
+
+def test_interleaved_runs_take_turns_and_sum_each_rounds_pieces() -> None:
+    calls: list[tuple[str, int]] = []
+    steps = {"a": 0, "b": 0}
+
+    def run(name: str, per_step: float) -> Any:
+        def go(k: int) -> float:
+            calls.append((name, k))
+            steps[name] += k
+            return per_step * k
+
+        return go
+
+    def broken_in_round_two(k: int) -> float:
+        calls.append(("broken", k))
+        if len([c for c in calls if c[0] == "broken"]) > 2:
+            raise RuntimeError("late")
+        return 1.0
+
+    runs = {"a": run("a", 1.0), "broken": broken_in_round_two, "b": run("b", 3.0)}
+    samples, errors = interleaved_runs(runs, [3, 2], rounds=2)
+    # one round: every live name advances by the first piece, then by the second
+    assert calls[:6] == [("a", 3), ("broken", 3), ("b", 3), ("a", 2), ("broken", 2), ("b", 2)]
+    assert calls[6:] == [("a", 3), ("broken", 3), ("b", 3), ("a", 2), ("b", 2)]
+    assert steps == {"a": 10, "b": 10}  # two runs of 5 consecutive steps each
+    assert samples == {"a": [5.0, 5.0], "broken": [2.0], "b": [15.0, 15.0]}
+    assert errors == {"broken": "error: RuntimeError: late"}
 
 
 def test_cli_parses_lists_and_always_includes_the_reference() -> None:

@@ -38,12 +38,17 @@ from lowbit_optax.bench.timing import (
     compiled_bytes,
     describe_error,
     device_peak_bytes,
+    interleaved_runs,
     medians_and_ratios,
     round_robin,
+    split,
 )
 from lowbit_optax.memory import state_bytes
 
 Batch = tuple[Any, ...]
+
+# pieces of one amortized run (``time_amortized``): 200 updates as 8 turns of 25
+AMORTIZED_PIECES = 8
 Record = dict[str, Any]
 
 
@@ -254,8 +259,11 @@ def time_amortized(
     """For optimizers with periodic extra work (``registry.event_period``): runs of
     ``window`` consecutive updates (the longest period among them), each containing every
     periodic event at its rate (GaLore's SVD once per 200 steps, ...), for them and the
-    reference, round-robin over ``rounds`` rounds; ``update_amortized_ms`` is the median
-    time per update and ``update_amortized_ratio`` its ratio to the reference's median."""
+    reference, ``rounds`` runs each. A run is taken in ``AMORTIZED_PIECES`` pieces that
+    the optimizers take turns at (each advances its own state by a piece, then the next
+    one does), so the machine's drifts over a run hit every optimizer alike.
+    ``update_amortized_ms`` is the median time per update and ``update_amortized_ratio``
+    its ratio to the reference's median."""
     live = {t.name for t in _alive(trials)} & set(loops)
     periods = {n: registry.event_period(n) for n in live}
     periods = {n: p for n, p in periods.items() if p}
@@ -264,14 +272,17 @@ def time_amortized(
     window = max(periods.values())
     bar.set_postfix_str(f"timing {rounds} x {window} consecutive updates")
 
-    def timed(loop: DonatedLoop) -> Callable[[], float]:
-        return lambda: loop.run([(grads,)] * window)[0] * 1e3 / window
+    def timed(loop: DonatedLoop) -> Callable[[int], float]:
+        return lambda k: loop.run([(grads,)] * k)[0]
 
-    samples, errors = round_robin(
-        {name: timed(loops[name]) for name in [registry.REFERENCE, *sorted(periods)]}, rounds
+    samples, errors = interleaved_runs(
+        {name: timed(loops[name]) for name in [registry.REFERENCE, *sorted(periods)]},
+        split(window, AMORTIZED_PIECES),
+        rounds,
     )
     _fail(trials, errors)
-    stats = medians_and_ratios(samples, registry.REFERENCE)
+    per_update = {name: [x * 1e3 / window for x in xs] for name, xs in samples.items()}
+    stats = medians_and_ratios(per_update, registry.REFERENCE)
     for trial in trials:
         if trial.name in periods and trial.name in stats:
             ms, ratio = stats[trial.name]

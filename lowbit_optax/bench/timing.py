@@ -8,6 +8,7 @@ optimizer's median from the same rounds.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -85,6 +86,50 @@ def round_robin(
                 errors[name] = describe_error(err)
             if on_done is not None:
                 on_done(name)
+    return samples, errors
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` as at most ``parts`` near-equal positive sizes, larger ones first."""
+    if total < 1 or parts < 1:
+        raise ValueError(f"split needs total >= 1 and parts >= 1, got {total} and {parts}")
+    parts = min(parts, total)
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def interleaved_runs(
+    runs: Mapping[str, Callable[[int], float]],
+    sizes: Sequence[int],
+    rounds: int,
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Samples of ``sum(sizes)`` consecutive steps per name, taken in pieces that the
+    names take turns at, so a slow drift of the machine during one sample hits every
+    name alike.
+
+    Args:
+      runs: name -> ``run(k)``, which advances that name by ``k`` steps and returns
+        their time.
+      sizes: the pieces of one sample, in order (e.g. ``split(200, 8)``).
+      rounds: samples per name.
+
+    Returns:
+      ``(samples, errors)`` as ``round_robin``'s: each sample is the summed time of one
+      round's pieces; a name whose run raises keeps the samples of the rounds it
+      finished.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    errors: dict[str, str] = {}
+    for _ in range(rounds):
+        total = dict.fromkeys(runs, 0.0)
+        for size in sizes:
+            live = {n: functools.partial(run, size) for n, run in runs.items() if n not in errors}
+            got, failed = round_robin(live, 1)
+            errors.update(failed)
+            for name, xs in got.items():
+                total[name] += sum(xs)
+        for name in runs:
+            if name not in errors:
+                samples[name].append(total[name])
     return samples, errors
 
 
