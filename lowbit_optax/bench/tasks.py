@@ -46,10 +46,10 @@ from lowbit_optax.bench.timing import (
 from lowbit_optax.memory import state_bytes
 
 Batch = tuple[Any, ...]
+Record = dict[str, Any]
 
 # pieces of one amortized run (``time_amortized``): 200 updates as 8 turns of 25
 AMORTIZED_PIECES = 8
-Record = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
