@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from table import load_seeds
 
 HERE = Path(__file__).parent
 KEYS = (
@@ -28,21 +29,6 @@ def gpu_runs() -> dict[int, dict[str, float]]:
     runs = {}
     for path in sorted(glob.glob(str(HERE / "gpu_seeds" / "*.json"))):
         runs.update({int(s): r for s, r in json.loads(Path(path).read_text())["runs"].items()})
-    return runs
-
-
-def cpu_runs() -> dict[int, dict[str, float]]:
-    runs = {s: json.loads((HERE / f"seeds_seed{s}.json").read_text()) for s in range(1, 6)}
-    d0 = json.loads((HERE / "damping_seed0.json").read_text())
-    sweep = json.loads((HERE.parent / "sweep_digits" / "results.json").read_text())["tasks"]
-    s0 = {
-        f"{n}@{lr:g}": d0[f"{n}@d=0.0001@lr={lr:g}"]
-        for n in ("mfac", "sparse_mfac")
-        for lr in (5e-4, 1e-3, 2e-3)
-    }
-    s0["mfac@0.0003"] = sweep["digits@lr=0.0003"]["results"]["mfac"]["eval_loss"]
-    s0["adamw@0.01"] = sweep["digits@lr=0.01"]["results"]["adamw"]["eval_loss"]
-    runs[0] = s0
     return runs
 
 
@@ -75,4 +61,4 @@ def report(title: str, runs: dict[int, dict[str, float]]) -> None:
 if __name__ == "__main__":
     gpu = gpu_runs()
     report("seeds 6-69, H100", gpu)
-    report("seeds 0-69 (0-5 on CPU, 6-69 on the H100)", {**cpu_runs(), **gpu})
+    report("seeds 0-69 (0-5 on CPU, 6-69 on the H100)", {**load_seeds(), **gpu})
