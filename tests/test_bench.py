@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from lowbit_optax.bench.timing import (
     medians_and_ratios,
     round_robin,
     split,
+    whole_cycles,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,6 +221,26 @@ def test_medians_and_ratios_by_hand() -> None:
     assert stats["slow"] == (7.0, 3.5)  # median of an even count: mean of the middle two
     assert stats["none"] == (None, None)
     assert medians_and_ratios({"x": [1.0]}, "adamw") == {"x": (1.0, None)}
+    means = medians_and_ratios(samples, "adamw", statistics.fmean)
+    assert means["adamw"] == (2.0, 1.0)
+    assert means["slow"] == (29.5, 14.75)  # (8 + 6 + 4 + 100) / 4
+
+
+def test_whole_cycles_covers_every_period() -> None:
+    # runs of 200 updates: periods 200 and 160 repeat together every 800 updates
+    assert whole_cycles(3, 200, [200, 160, 200]) == 4
+    assert whole_cycles(12, 200, [200, 160]) == 12
+    assert whole_cycles(1, 200, [200, 50]) == 1
+    assert whole_cycles(5, 200, [200, 160]) == 8
+    assert whole_cycles(1, 30, [20]) == 2  # 2 x 30 = 60 = 3 x 20
+    for rounds, window, periods in [(3, 200, [200, 160]), (7, 30, [20, 45]), (1, 7, [3])]:
+        n = whole_cycles(rounds, window, periods)
+        assert n >= rounds and all(n * window % p == 0 for p in periods)
+        assert not any(
+            all(k * window % p == 0 for p in periods) for k in range(rounds, n)
+        )  # the least such count
+    with pytest.raises(ValueError, match="positive periods"):
+        whole_cycles(3, 200, [])
 
 
 def test_round_robin_interleaves_and_isolates_failures() -> None:

@@ -201,7 +201,8 @@ register(
 register(
     "coap_adamw",
     lambda lr: lowbit_optax.coap_adamw(lr, **_PROJ),
-    "lowbit_optax.coap_adamw (rank 1/4, P step every 32, recalibration every 160, scale-aware)",
+    "lowbit_optax.coap_adamw (rank 1/4, P step every 32, recalibration every 160, scale-aware, "
+    "2 power iterations at t = 0)",
     event_period=160,
 )
 register(

@@ -24,10 +24,11 @@ How to read this:
 - Step times are medians over chunks of `log_every` steps. Projection optimizers
   refresh their projector only every so many steps (GaLore's SVD when
   `count % 200 == 0`); those steps fall into a few chunks only, so the medians are
-  steady-state costs. *amortized ratio* (projection optimizers only): the median time
-  of runs of as many consecutive updates as the longest refresh period (200), which
-  contain every refresh at its rate, over adamw's median for the same runs (3 runs
-  each; a run is taken in 8 pieces of 25 updates that the optimizers take turns at).
+  steady-state costs. *amortized ratio* (projection optimizers only): the mean time per
+  update over consecutive runs of 200 updates that together cover a whole number of
+  every refresh period (4 runs of 200 = 800 updates for periods 200 and 160, more on
+  `digits`), so every refresh counts at its rate, over adamw's mean for the same runs
+  (a run is taken in 8 pieces of 25 updates that the optimizers take turns at).
 - *compiled MiB*: XLA's planned temp + output bytes of the compiled program
   (`memory_analysis()`; the training step for lm/digits, the update for `update`).
   *peak MiB*: the device's process-wide `peak_bytes_in_use` (n/a where the backend does

@@ -9,6 +9,7 @@ optimizer's median from the same rounds.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -89,6 +90,20 @@ def round_robin(
     return samples, errors
 
 
+def whole_cycles(rounds: int, window: int, periods: Sequence[int]) -> int:
+    """The least number of runs ``>= rounds`` whose ``window``-update runs, taken one
+    after the other, cover a whole number of every period (``lcm(periods)`` divides
+    ``runs * window``)."""
+    if rounds < 1 or window < 1 or not periods or min(periods) < 1:
+        raise ValueError(
+            f"whole_cycles needs rounds, window >= 1 and positive periods, got {rounds}, "
+            f"{window} and {list(periods)}"
+        )
+    cycle = math.lcm(*periods)
+    step = cycle // math.gcd(window, cycle)
+    return -(-rounds // step) * step
+
+
 def split(total: int, parts: int) -> list[int]:
     """``total`` as at most ``parts`` near-equal positive sizes, larger ones first."""
     if total < 1 or parts < 1:
@@ -134,19 +149,22 @@ def interleaved_runs(
 
 
 def medians_and_ratios(
-    samples: Mapping[str, Sequence[float]], reference: str
+    samples: Mapping[str, Sequence[float]],
+    reference: str,
+    stat: Callable[[Sequence[float]], float] = statistics.median,
 ) -> dict[str, tuple[float | None, float | None]]:
     """Median of each name's samples and its ratio to the reference's median.
 
     Args:
       samples: name -> repeated measurements (any unit).
       reference: the name every ratio divides by.
+      stat: the statistic in place of the median (e.g. ``statistics.fmean``).
 
     Returns:
       name -> ``(median, median / reference_median)``; the median is None without
       samples, the ratio None without a median or a positive reference median.
     """
-    meds = {name: statistics.median(xs) if xs else None for name, xs in samples.items()}
+    meds = {name: stat(xs) if xs else None for name, xs in samples.items()}
     ref = meds.get(reference)
     return {
         name: (med, med / ref if med is not None and ref else None) for name, med in meds.items()
