@@ -580,7 +580,7 @@ class DigitsTask(TrainingTask):
     batch_size = 128
 
     def plan(self, settings: Settings) -> Plan:
-        """500 steps at lr 1e-3 (quick: 20 steps); 12 amortized runs (they are cheap)."""
+        """500 steps at lr 1e-3 (quick: 20 steps); 20 amortized runs (they are cheap)."""
         if settings.quick:
             base = _quick_plan(calls=5)
         else:
@@ -591,7 +591,7 @@ class DigitsTask(TrainingTask):
                 eval_every=50,
                 rounds=5,
                 calls=20,
-                amortized_rounds=12,
+                amortized_rounds=20,
             )
         return _override(base, settings)
 
