@@ -1,8 +1,9 @@
 """Table of GaLore / COAP / SubTrack eval losses on ``lm`` over seeds (paper intervals).
 
 Usage (from the repository root): ``python benchmarks/projection_seeds/table.py``. Seed 0
-is the main benchmark's run (``benchmarks/results.json``); seeds 2-5 come from
-``seeds_many.py`` (``seeds_cpu_2-5.json``).
+is the main benchmark's run of commit fd8a505 (``seed0_fd8a505.json``, extracted from
+that commit's ``benchmarks/results.json``); seeds 2-5 come from ``seeds_many.py``
+(``seeds_cpu_2-5.json``). Both predate COAP's power iterations (commit 9e3c36c).
 """
 
 import json
@@ -15,14 +16,9 @@ NAMES = ("galore_adamw", "coap_adamw", "subtrack_adamw")
 
 
 def main() -> None:
-    main_run = json.loads((HERE.parent / "results.json").read_text())["tasks"]["lm"]["results"]
-    runs = {0: {n: main_run[n]["eval_loss"] for n in NAMES}}
-    runs.update(
-        {
-            int(s): r
-            for s, r in json.loads((HERE / "seeds_cpu_2-5.json").read_text())["runs"].items()
-        }
-    )
+    runs = {}
+    for name in ("seed0_fd8a505.json", "seeds_cpu_2-5.json"):
+        runs.update({int(s): r for s, r in json.loads((HERE / name).read_text())["runs"].items()})
     print("| seed | galore_adamw | coap_adamw | subtrack_adamw |")
     print("|---:|---:|---:|---:|")
     rel = {n: [] for n in NAMES[1:]}
