@@ -1,9 +1,14 @@
-"""Table of GaLore / COAP / SubTrack eval losses on ``lm`` over seeds (paper intervals).
+"""Tables of GaLore / COAP / SubTrack eval losses on ``lm`` over seeds (paper intervals).
 
-Usage (from the repository root): ``python benchmarks/projection_seeds/table.py``. Seed 0
-is the main benchmark's run of commit fd8a505 (``seed0_fd8a505.json``, extracted from
-that commit's ``benchmarks/results.json``); seeds 2-5 come from ``seeds_many.py``
-(``seeds_cpu_2-5.json``). Both predate COAP's power iterations (commit 9e3c36c).
+Usage (from the repository root): ``python benchmarks/projection_seeds/table.py``.
+
+* Before commit 9e3c36c (COAP's one-pass first range finder): seed 0 is the main
+  benchmark's run of commit fd8a505 (``seed0_fd8a505.json``, extracted from that
+  commit's ``benchmarks/results.json``), seeds 2-5 come from ``seeds_many.py``
+  (``seeds_cpu_2-5.json``).
+* With the code of commit 9e3c36c (``coap_adamw`` with ``power_iters=2``; events reuse
+  ``S^T G``): seed 0 is the main benchmark's run (``benchmarks/results.json``), seeds
+  2-5 come from ``seeds_many.py`` (``seeds_cpu_2-5_9e3c36c.json``).
 """
 
 import json
@@ -15,10 +20,12 @@ HERE = Path(__file__).parent
 NAMES = ("galore_adamw", "coap_adamw", "subtrack_adamw")
 
 
-def main() -> None:
-    runs = {}
-    for name in ("seed0_fd8a505.json", "seeds_cpu_2-5.json"):
-        runs.update({int(s): r for s, r in json.loads((HERE / name).read_text())["runs"].items()})
+def runs_of(path: Path) -> dict[int, dict[str, float]]:
+    return {int(s): r for s, r in json.loads(path.read_text())["runs"].items()}
+
+
+def table(title: str, runs: dict[int, dict[str, float]]) -> None:
+    print(f"{title}\n")
     print("| seed | galore_adamw | coap_adamw | subtrack_adamw |")
     print("|---:|---:|---:|---:|")
     rel = {n: [] for n in NAMES[1:]}
@@ -37,6 +44,16 @@ def main() -> None:
             f"- {n} vs galore_adamw: mean {ds.mean():+.3f}% (standard error {sem:.3f}%), "
             f"ahead on {int((ds < 0).sum())} of {len(ds)} seeds"
         )
+    print()
+
+
+def main() -> None:
+    before = runs_of(HERE / "seed0_fd8a505.json") | runs_of(HERE / "seeds_cpu_2-5.json")
+    table("Before commit 9e3c36c (COAP one-pass)", before)
+    main_run = json.loads((HERE.parent / "results.json").read_text())["tasks"]["lm"]["results"]
+    now = {0: {n: main_run[n]["eval_loss"] for n in NAMES}}
+    now |= runs_of(HERE / "seeds_cpu_2-5_9e3c36c.json")
+    table("With the code of commit 9e3c36c (COAP power_iters=2)", now)
 
 
 if __name__ == "__main__":
