@@ -7,10 +7,9 @@ Seeds 0 and 1: ``interval_T50_seed{0,1}.json`` (``interval.py``) and, for
 ``seeds_T50.json`` (``seeds.py``).
 """
 
+import importlib.util
 import json
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).parent
 NAMES = ("galore_adamw", "coap_adamw", "coap_adamw_pi2", "subtrack_adamw")
@@ -29,25 +28,13 @@ def load() -> dict[int, dict[str, float]]:
 
 
 def main() -> None:
-    runs = load()
-    print("| seed | " + " | ".join(NAMES) + " |")
-    print("|---:|" + "---:|" * len(NAMES))
-    rel: dict[str, list[float]] = {n: [] for n in NAMES[1:]}
-    for seed, row in sorted(runs.items()):
-        cells = [f"{row['galore_adamw']:.4f}"]
-        for n in NAMES[1:]:
-            d = 100 * (row[n] / row["galore_adamw"] - 1)
-            rel[n].append(d)
-            cells.append(f"{row[n]:.4f} ({d:+.2f}%)")
-        print(f"| {seed} | " + " | ".join(cells) + " |")
-    print()
-    for n, ds in rel.items():
-        ds = np.array(ds)
-        sem = ds.std(ddof=1) / np.sqrt(len(ds))
-        print(
-            f"- {n} vs galore_adamw: mean {ds.mean():+.3f}% (standard error {sem:.3f}%), "
-            f"ahead on {int((ds < 0).sum())} of {len(ds)} seeds"
-        )
+    # the same table as benchmarks/projection_seeds (one file, loaded by path)
+    spec = importlib.util.spec_from_file_location(
+        "projection_seeds_table", HERE.parent / "projection_seeds" / "table.py"
+    )
+    seeds_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds_table)
+    seeds_table.table(None, load(), NAMES)
 
 
 if __name__ == "__main__":

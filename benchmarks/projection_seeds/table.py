@@ -24,15 +24,20 @@ def runs_of(path: Path) -> dict[int, dict[str, float]]:
     return {int(s): r for s, r in json.loads(path.read_text())["runs"].items()}
 
 
-def table(title: str, runs: dict[int, dict[str, float]]) -> None:
-    print(f"{title}\n")
-    print("| seed | galore_adamw | coap_adamw | subtrack_adamw |")
-    print("|---:|---:|---:|---:|")
-    rel = {n: [] for n in NAMES[1:]}
+def table(
+    title: str | None, runs: dict[int, dict[str, float]], names: tuple[str, ...] = NAMES
+) -> None:
+    """Markdown table of ``runs`` (seed -> name -> loss), each name after the first in
+    percent against the first, then the mean, standard error and wins per name."""
+    if title is not None:
+        print(f"{title}\n")
+    print("| seed | " + " | ".join(names) + " |")
+    print("|---:|" + "---:|" * len(names))
+    rel = {n: [] for n in names[1:]}
     for seed, row in sorted(runs.items()):
-        cells = [f"{row['galore_adamw']:.4f}"]
-        for n in NAMES[1:]:
-            d = 100 * (row[n] / row["galore_adamw"] - 1)
+        cells = [f"{row[names[0]]:.4f}"]
+        for n in names[1:]:
+            d = 100 * (row[n] / row[names[0]] - 1)
             rel[n].append(d)
             cells.append(f"{row[n]:.4f} ({d:+.2f}%)")
         print(f"| {seed} | " + " | ".join(cells) + " |")
@@ -41,7 +46,7 @@ def table(title: str, runs: dict[int, dict[str, float]]) -> None:
         ds = np.array(ds)
         sem = ds.std(ddof=1) / np.sqrt(len(ds))
         print(
-            f"- {n} vs galore_adamw: mean {ds.mean():+.3f}% (standard error {sem:.3f}%), "
+            f"- {n} vs {names[0]}: mean {ds.mean():+.3f}% (standard error {sem:.3f}%), "
             f"ahead on {int((ds < 0).sum())} of {len(ds)} seeds"
         )
     print()
