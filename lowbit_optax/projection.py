@@ -42,9 +42,22 @@ pre-increment step count ``t`` (``t = 0, T, 2T, ...``, ``T = update_interval``):
 
 ``moments``: what happens to the inner state when ``S`` changes: ``keep`` (GaLore, COAP),
 ``reset`` (zero the inner ``mu``/``nu`` of that leaf) or ``rotate`` (SubTrack++: with
-``C = S_new^T S_old``, ``M <- C M``, ``V <- max(0, C**2 (V - M**2) + (C M)**2)``).
+``C = S_new^T S_old``, the mean rotates as ``M <- C M`` and the second moment as
+mean-square = variance + mean**2, the variance rotated with ``C**2``).
 ``reset``/``rotate`` need an inner state with float ``mu`` and ``nu`` fields (e.g.
-``optax.scale_by_adam``).
+``optax.scale_by_adam``). **Decision (rotate):** the paper writes
+``V <- max(0, C**2 (V - M**2) + (C M)**2)`` on Adam's raw moments. Those are biased
+differently (``(1 - b1**t)`` and ``(1 - b2**t)``): after ``t`` steps of a steady gradient
+``g``, ``V - M**2 = ((1 - b2**t) - (1 - b1**t)**2) g**2``, strongly negative early in
+training, so ``C**2`` mixes negative "variances" into coordinates and can drive ``V`` to
+~0 under a large ``M``: the next Adam step blows up (we saw an 8-step loss go 2.6 -> 0.7
+-> 4.0 with an event every 2 steps). We rotate the bias-corrected moments
+(``moment_betas=(b1, b2)``, the inner Adam's, with its step count ``t``): with
+``rho = (1 - b2**t) / (1 - b1**t)**2``, ``M <- C M`` and
+``V <- C**2 max(0, V - rho M**2) + rho (C M)**2``, i.e. ``v_hat <- C**2 max(0, v_hat -
+m_hat**2) + (C m_hat)**2``. A steady gradient then has zero variance and rotates to
+exactly the moments of a steady gradient in the new basis, and every rotated coordinate
+keeps ``m_hat**2 <= v_hat`` (Adam's step at most 1 there).
 
 Robustness: a leaf whose gradient has a non-finite entry skips its projector update
 (the old ``S`` is kept); the SVD never sees NaN/inf.
@@ -465,6 +478,7 @@ def low_rank_projection(
     recover: bool = False,
     recover_limit: float = 1.01,
     key: int = 0,
+    moment_betas: tuple[float, float] | None = None,
 ) -> optax.GradientTransformation:
     """Runs ``inner`` on low-rank projections of the large 2-D gradients.
 
@@ -491,6 +505,10 @@ def low_rank_projection(
         over the last step, it is scaled down to ``recover_limit`` times the last norm.
       recover_limit: Fira's ``gamma`` (1.01).
       key: seed of the randomized range finder (COAP).
+      moment_betas: ``(b1, b2)`` of the inner Adam, required by ``moments='rotate'``,
+        which bias-corrects the moments before rotating them (see the module docstring).
+        The step count ``t`` is the inner state's ``count`` field if it has exactly one,
+        else this wrapper's.
 
     Returns:
       An ``optax.GradientTransformation``; updates in the gradients' dtype.
@@ -516,6 +534,25 @@ def low_rank_projection(
         raise ValueError(f"min_dim must be a positive int, got {min_dim!r}")
     if not recover_limit > 1.0:
         raise ValueError(f"recover_limit must be > 1 (Fira's gamma, 1.01), got {recover_limit!r}")
+    if moment_betas is not None and not (
+        isinstance(moment_betas, tuple | list)
+        and len(moment_betas) == 2
+        and all(
+            (isinstance(b, int | float) and 0.0 <= b < 1.0)
+            or (isinstance(b, jax.Array) and b.ndim == 0)  # under inject_hyperparams
+            for b in moment_betas
+        )
+    ):
+        raise ValueError(
+            "moment_betas must be the inner Adam's (b1, b2), two numbers in [0, 1), "
+            f"got {moment_betas!r}"
+        )
+    if moments == "rotate" and moment_betas is None:
+        raise ValueError(
+            "moments='rotate' needs moment_betas=(b1, b2), the inner Adam's betas, to "
+            "bias-correct its moments before rotating them; got moment_betas=None. Pass "
+            "e.g. moment_betas=(0.9, 0.999) for optax.scale_by_adam()."
+        )
 
     def plans(tree: Any) -> list[_Leaf]:
         leaves = jax.tree.leaves(tree)
@@ -574,6 +611,9 @@ def low_rank_projection(
             mu_all = treedef.flatten_up_to(optax.tree_utils.tree_get(state.inner_state, "mu"))
             nu_all = treedef.flatten_up_to(optax.tree_utils.tree_get(state.inner_state, "nu"))
             new_mu, new_nu = list(mu_all), list(nu_all)
+        rho = None
+        if moments == "rotate":
+            rho = _bias_ratio(_inner_count(state.inner_state, count), *moment_betas)
 
         new_s, low, low32 = [], [], []
         for i, (g, lf, s) in enumerate(zip(leaves, layout, s_old, strict=True)):
@@ -604,7 +644,7 @@ def low_rank_projection(
                         s32, gk, low_g, mk, count, update_interval, key_i, lf.right
                     )
                     sn = sn.astype(jnp.float32)
-                    return sn, low_n, _moved_moments(moved, s32, sn, lf, moments)
+                    return sn, low_n, _moved_moments(moved, s32, sn, lf, moments, rho)
 
                 # a non-finite gradient keeps the old projector (the SVD never sees it)
                 return jax.lax.cond(jnp.all(jnp.isfinite(g2)), refresh, lambda: (s32, low_g, moved))
@@ -698,11 +738,37 @@ def _inner_mu(inner_state: Any, treedef: Any) -> list[Any] | None:
     return leaves
 
 
-def _moved_moments(moved, s_old, s_new, lf, moments):
+def _inner_count(inner_state: Any, fallback: jax.Array) -> jax.Array:
+    """The inner state's step count if it has exactly one scalar integer ``count``
+    field (``optax.scale_by_adam``'s), else ``fallback`` (this wrapper's)."""
+    found = optax.tree_utils.tree_get_all_with_path(inner_state, "count")
+    if len(found) == 1:
+        c = found[0][1]
+        if isinstance(c, jax.Array) and c.ndim == 0 and jnp.issubdtype(c.dtype, jnp.integer):
+            return c
+    return fallback
+
+
+def _bias_ratio(t: jax.Array, b1: float, b2: float) -> jax.Array:
+    """``rho = (1 - b2**t) / (1 - b1**t)**2``: ``V - rho M**2`` is ``(1 - b2**t)`` times
+    the bias-corrected variance ``v_hat - m_hat**2``; 1 at ``t = 0`` (zero moments)."""
+    tf = t.astype(jnp.float32)
+
+    def one_minus_power(b):  # 1 - b^t without float32's cancellation near b = 1
+        if isinstance(b, int | float):  # log in float64 (b may be traced hyperparameter)
+            return -jnp.expm1(tf * math.log(b)) if b > 0 else jnp.ones_like(tf)
+        return -jnp.expm1(tf * jnp.log(jnp.asarray(b, jnp.float32)))  # t > 0: b = 0 gives 1
+
+    bc1, bc2 = one_minus_power(b1), one_minus_power(b2)
+    return jnp.where(t > 0, bc2 / jnp.where(t > 0, bc1 * bc1, 1.0), 1.0)
+
+
+def _moved_moments(moved, s_old, s_new, lf, moments, rho=None):
     """The inner ``(mu, nu)`` of a projected leaf after its projector changed from
     ``s_old`` to ``s_new``: zeroed (``reset``) or rotated into the new subspace
-    (``rotate``, SubTrack++: ``mu <- C mu``, ``nu <- max(0, C^2 (nu - mu^2) + (C mu)^2)``
-    with ``C = S_new^T S_old``); ``()`` passes through (``keep``)."""
+    (``rotate``: ``mu <- C mu``, ``nu <- C^2 max(0, nu - rho mu^2) + rho (C mu)^2`` with
+    ``C = S_new^T S_old`` and ``rho`` from ``_bias_ratio``); ``()`` passes through
+    (``keep``)."""
     if moments == "keep":
         return moved
     m, v = moved
@@ -714,7 +780,8 @@ def _moved_moments(moved, s_old, s_new, lf, moments):
         c = s_new.T @ s_old
         rot = (lambda x, c: x @ c.T) if lf.right else (lambda x, c: c @ x)
         m2 = rot(m32, c)
-        v2 = jnp.maximum(0.0, rot(v32 - m32**2, c**2) + m2**2)
+        variance = jnp.maximum(0.0, v32 - rho * m32**2)  # (1 - b2^t) (v_hat - m_hat^2)
+        v2 = rot(variance, c**2) + rho * m2**2
     return m2.astype(m.dtype), v2.astype(v.dtype)
 
 
@@ -855,6 +922,7 @@ def subtrack_adamw(
             moments=moments,
             proj_dtype=proj_dtype,
             recover=recover,
+            moment_betas=(b1, b2),
         ),
         learning_rate,
         weight_decay,

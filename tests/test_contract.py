@@ -416,6 +416,7 @@ def _low_rank_lr(
             projector=projector,
             moments=moments,
             recover=recover,
+            moment_betas=(0.9, 0.999),
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -485,15 +486,6 @@ REGISTRY += [
         state_bytes=lambda p: _projected_bytes(p, _adamw_bytes, proj_item=2, recover=True),
         static_args=(*_PROJ_STATIC, "projector", "moments", "recover"),
         atol=1e-3,  # S stored in bfloat16: a float32 difference can flip its rounding
-        xfail={
-            "nnx": (
-                "known defect, open in issue 5: SubTrack++'s rotation "
-                "V <- max(0, C^2 (V - M^2) + (C M)^2) on Adam's raw moments, where early "
-                "in training (1 - b2^t) << (1 - b1^t)^2 makes V - M^2 strongly negative, "
-                "can zero V and spike the loss; with an event every 2 steps the 8-step "
-                "loss here ends above its start (keep/reset moments train smoothly)"
-            )
-        },
     ),
 ]
 

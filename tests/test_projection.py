@@ -256,6 +256,7 @@ def test_moment_rotation_matches_float64_formula(shape):
         projector=pj.SVDProjector(),
         update_interval=2,
         moments="rotate",
+        moment_betas=(0.9, 0.999),
         min_dim=1,
     )
     g0, g1, g2 = (_g(shape, i) for i in (10, 11, 12))
@@ -270,8 +271,11 @@ def test_moment_rotation_matches_float64_formula(shape):
     right = shape[0] >= shape[1]
     ma, va = (mu.T, nu.T) if right else (mu, nu)
     c = s_new.T @ s_old
+    # bias-corrected moments after t = 2 updates, variance clipped at 0, rotated, and
+    # back to Adam's raw scale
+    m_hat, v_hat = ma / (1 - 0.9**2), va / (1 - 0.999**2)
     m_rot = c @ ma
-    v_rot = np.maximum(0.0, (c**2) @ (va - ma**2) + m_rot**2)
+    v_rot = (1 - 0.999**2) * ((c**2) @ np.maximum(0.0, v_hat - m_hat**2) + (c @ m_hat) ** 2)
     # then Adam's EMA with the projected g2
     a = s_new.T @ _orient64(g2)
     m_want = 0.9 * m_rot + 0.1 * a
@@ -281,6 +285,93 @@ def test_moment_rotation_matches_float64_formula(shape):
     got_m, got_v = (got_m.T, got_v.T) if right else (got_m, got_v)
     np.testing.assert_allclose(got_m, m_want, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got_v, v_want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", SIDES)
+def test_rotation_of_a_steady_gradient_is_the_steady_gradient_in_the_new_basis(shape):
+    """A steady gradient has zero variance: after the rotation Adam holds exactly the
+    moments of t steps of the rotated projected gradient ``C a``. (The paper's formula on
+    raw moments, ``max(0, C^2 (V - M^2) + (C M)^2)``, does not: ``V - M^2`` is
+    ``((1 - b2^t) - (1 - b1^t)^2) a^2 < 0`` early on, and mixing it drives some ``V`` far
+    below ``M^2``, an Adam step of many times the usual size there.)"""
+    b1, b2, t = 0.9, 0.999, 3
+    tx = pj.low_rank_projection(
+        optax.scale_by_adam(b1, b2),
+        rank=6,
+        projector=pj.SVDProjector(),
+        update_interval=t,
+        moments="rotate",
+        moment_betas=(b1, b2),
+        min_dim=1,
+    )
+    g0, g1 = _g(shape, 20), _g(shape, 21)
+    state = tx.init({"w": g0})
+    for _ in range(t):  # t = 0 (S0 from g0), 1, 2: a steady g0
+        _, state = tx.update({"w": g0}, state)
+    s_old = np.asarray(state.projectors["w"], np.float64)
+    _, state = tx.update({"w": g1}, state)  # t = 3: S changes to g1's subspace
+    s_new = np.asarray(state.projectors["w"], np.float64)
+    c = s_new.T @ s_old
+    ca = c @ (s_old.T @ _orient64(g0))  # the steady projected gradient, rotated
+    a1 = s_new.T @ _orient64(g1)
+    m_want = b1 * (1 - b1**t) * ca + (1 - b1) * a1
+    v_want = b2 * (1 - b2**t) * ca**2 + (1 - b2) * a1**2
+    right = shape[0] >= shape[1]
+    got_m = np.asarray(state.inner_state.mu["w"], np.float64)
+    got_v = np.asarray(state.inner_state.nu["w"], np.float64)
+    got_m, got_v = (got_m.T, got_v.T) if right else (got_m, got_v)
+    np.testing.assert_allclose(got_m, m_want, rtol=1e-4, atol=1e-6)
+    # float32 cancellation in V - rho M^2 (~1e-7 of V) is mixed in by C^2
+    np.testing.assert_allclose(got_v, v_want, rtol=1e-4, atol=1e-5 * v_want.max())
+
+    # the paper's raw formula on the same moments, in float64
+    m_raw, v_raw = (
+        (1 - b1**t) * (s_old.T @ _orient64(g0)),
+        (1 - b2**t) * (s_old.T @ _orient64(g0)) ** 2,
+    )
+    v_paper = np.maximum(0.0, (c**2) @ (v_raw - m_raw**2) + (c @ m_raw) ** 2)
+    step_paper = np.abs(c @ m_raw / (1 - b1**t)) / np.sqrt(v_paper / (1 - b2**t) + 1e-30)
+    assert step_paper.max() > 10.0  # what the bias correction avoids
+
+
+def test_rotation_keeps_adam_steps_bounded():
+    """For any moments with ``nu >= 0`` (some below ``mu**2``) and orthonormal ``S_old``,
+    ``S_new``, the rotated moments have ``nu >= 0`` and ``m_hat**2 <= v_hat`` in every
+    coordinate (so Adam's next step is at most 1 there): the bias-corrected variance is
+    clipped at 0 before the rotation and the rotated mean's square is added back."""
+    rng = np.random.default_rng(0)
+    b1, b2 = 0.9, 0.999
+    for t, right in [(1, True), (2, False), (7, True), (500, False)]:
+        k, r, m = 40, 5, 50  # K = 40 <= M = 50
+        s_old = np.linalg.qr(rng.normal(size=(k, r)))[0]
+        s_new = np.linalg.qr(s_old + 0.5 * rng.normal(size=(k, r)))[0]
+        shape = (m, r) if right else (r, m)
+        mu = rng.normal(size=shape) * rng.uniform(0.1, 10, size=shape)
+        nu = mu**2 * rng.uniform(0, 2, size=shape)  # some coordinates below mu^2
+        lf = pj._Leaf(True, (m, k) if right else (k, m), *((m, k) if right else (k, m)), r)
+        rho = pj._bias_ratio(jnp.int32(t), b1, b2)
+        np.testing.assert_allclose(float(rho), (1 - b2**t) / (1 - b1**t) ** 2, rtol=1e-5)
+        m2, v2 = pj._moved_moments(
+            (jnp.asarray(mu, jnp.float32), jnp.asarray(nu, jnp.float32)),
+            jnp.asarray(s_old, jnp.float32),
+            jnp.asarray(s_new, jnp.float32),
+            lf,
+            "rotate",
+            rho,
+        )
+        m2, v2 = np.asarray(m2, np.float64), np.asarray(v2, np.float64)
+        assert np.all(v2 >= 0)
+        m_hat2, v_hat = (m2 / (1 - b1**t)) ** 2, v2 / (1 - b2**t)
+        assert np.all(m_hat2 <= v_hat * (1 + 1e-5) + 1e-12)
+
+
+def test_rotate_needs_the_inner_betas():
+    with pytest.raises(ValueError, match="moment_betas"):
+        pj.low_rank_projection(optax.scale_by_adam(), rank=2, moments="rotate")
+    with pytest.raises(ValueError, match=r"moment_betas must be .*got \(0.9, 1.0\)"):
+        pj.low_rank_projection(
+            optax.scale_by_adam(), rank=2, moments="rotate", moment_betas=(0.9, 1.0)
+        )
 
 
 def test_moment_reset_zeroes_at_the_change_only():
@@ -299,9 +390,9 @@ def test_moment_reset_zeroes_at_the_change_only():
 
 def test_rotate_needs_float_moments():
     with pytest.raises(ValueError, match="moments='rotate'"):
-        pj.low_rank_projection(optax.sgd(0.1, momentum=0.9), rank=2, moments="rotate").init(
-            {"w": jnp.zeros((256, 256))}
-        )
+        pj.low_rank_projection(
+            optax.sgd(0.1, momentum=0.9), rank=2, moments="rotate", moment_betas=(0.9, 0.9)
+        ).init({"w": jnp.zeros((256, 256))})
 
 
 # --------------------------------------------------------------------------------------
