@@ -7,8 +7,14 @@ Usage (from the repository root): ``python benchmarks/projection_seeds/table.py`
   commit's ``benchmarks/results.json``), seeds 2-5 come from ``seeds_many.py``
   (``seeds_cpu_2-5.json``).
 * With the code of commit 9e3c36c (``coap_adamw`` with ``power_iters=2``; events reuse
-  ``S^T G``): seed 0 is the main benchmark's run (``benchmarks/results.json``), seeds
-  2-5 come from ``seeds_many.py`` (``seeds_cpu_2-5_9e3c36c.json``).
+  ``S^T G``): seed 0 is the main benchmark's run of that code (``seed0_9e3c36c.json``,
+  from commit 7a19021's ``benchmarks/results.json``), seeds 2-5 come from
+  ``seeds_many.py`` (``seeds_cpu_2-5_9e3c36c.json``).
+* With SubTrack++'s rotation on bias-corrected moments (commit 15d1109; GaLore and COAP
+  are unchanged by it, bit for bit): seed 0 is the main benchmark's run
+  (``benchmarks/results.json``), seeds 2-5 take GaLore and COAP from the previous table
+  and SubTrack from ``seeds_many.py --names subtrack_adamw``
+  (``seeds_cpu_1-5_subtrack_15d1109.json``).
 """
 
 import json
@@ -55,10 +61,14 @@ def table(
 def main() -> None:
     before = runs_of(HERE / "seed0_fd8a505.json") | runs_of(HERE / "seeds_cpu_2-5.json")
     table("Before commit 9e3c36c (COAP one-pass)", before)
+    then = runs_of(HERE / "seed0_9e3c36c.json") | runs_of(HERE / "seeds_cpu_2-5_9e3c36c.json")
+    table("With the code of commit 9e3c36c (COAP power_iters=2)", then)
     main_run = json.loads((HERE.parent / "results.json").read_text())["tasks"]["lm"]["results"]
     now = {0: {n: main_run[n]["eval_loss"] for n in NAMES}}
-    now |= runs_of(HERE / "seeds_cpu_2-5_9e3c36c.json")
-    table("With the code of commit 9e3c36c (COAP power_iters=2)", now)
+    subtrack = runs_of(HERE / "seeds_cpu_1-5_subtrack_15d1109.json")
+    for seed in (2, 3, 4, 5):
+        now[seed] = then[seed] | {"subtrack_adamw": subtrack[seed]["subtrack_adamw"]}
+    table("With the bias-corrected rotation of commit 15d1109 (SubTrack)", now)
 
 
 if __name__ == "__main__":
