@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -538,7 +539,7 @@ def low_rank_projection(
         isinstance(moment_betas, tuple | list)
         and len(moment_betas) == 2
         and all(
-            (isinstance(b, int | float) and 0.0 <= b < 1.0)
+            (isinstance(b, numbers.Real) and not isinstance(b, bool) and 0.0 <= b < 1.0)
             or (isinstance(b, jax.Array) and b.ndim == 0)  # under inject_hyperparams
             for b in moment_betas
         )
@@ -755,7 +756,7 @@ def _bias_ratio(t: jax.Array, b1: float, b2: float) -> jax.Array:
     tf = t.astype(jnp.float32)
 
     def one_minus_power(b):  # 1 - b^t without float32's cancellation near b = 1
-        if isinstance(b, int | float):  # log in float64 (b may be traced hyperparameter)
+        if isinstance(b, numbers.Real):  # log in float64 (b may be a traced hyperparameter)
             return -jnp.expm1(tf * math.log(b)) if b > 0 else jnp.ones_like(tf)
         return -jnp.expm1(tf * jnp.log(jnp.asarray(b, jnp.float32)))  # t > 0: b = 0 gives 1
 

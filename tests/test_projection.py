@@ -372,6 +372,17 @@ def test_rotate_needs_the_inner_betas():
         pj.low_rank_projection(
             optax.scale_by_adam(), rank=2, moments="rotate", moment_betas=(0.9, 1.0)
         )
+    with pytest.raises(ValueError, match="moment_betas must be"):
+        pj.low_rank_projection(optax.scale_by_adam(), rank=2, moments="rotate", moment_betas=0.9)
+    # numpy scalars are fine, and give the same rho as Python floats
+    pj.low_rank_projection(
+        optax.scale_by_adam(), rank=2, moments="rotate", moment_betas=(np.float32(0.9), 0.999)
+    )
+    np.testing.assert_allclose(
+        float(pj._bias_ratio(jnp.int32(3), np.float32(0.9), np.float64(0.999))),
+        (1 - 0.999**3) / (1 - 0.9**3) ** 2,
+        rtol=1e-5,
+    )
 
 
 def test_moment_reset_zeroes_at_the_change_only():
