@@ -18,6 +18,16 @@ HERE = Path(__file__).parent
 NAMES = ("galore_adamw", "coap_adamw", "coap_adamw_pi2", "subtrack_adamw", "subtrack_15d1109")
 
 
+def _seeds_table():
+    """``benchmarks/projection_seeds/table.py`` (loaded by path): its table and loaders."""
+    spec = importlib.util.spec_from_file_location(
+        "projection_seeds_table", HERE.parent / "projection_seeds" / "table.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load() -> dict[int, dict[str, float]]:
     runs: dict[int, dict[str, float]] = {}
     explore = json.loads((HERE / "explore_T50.json").read_text())["eval_loss"]
@@ -27,22 +37,16 @@ def load() -> dict[int, dict[str, float]]:
         runs[seed]["coap_adamw_pi2"] = explore[str(seed)]["coap_pi2"]
     for seed, row in json.loads((HERE / "seeds_T50.json").read_text())["eval_loss"].items():
         runs[int(seed)] = row
-    main_run = json.loads((HERE.parent / "results.json").read_text())["tasks"]["lm"]["results"]
-    runs[0]["subtrack_15d1109"] = main_run["subtrack_adamw"]["eval_loss"]
-    new = HERE.parent / "projection_seeds" / "seeds_cpu_1-5_subtrack_15d1109.json"
-    for seed, row in json.loads(new.read_text())["runs"].items():
-        runs[int(seed)]["subtrack_15d1109"] = row["subtrack_adamw"]
+    seeds_table = _seeds_table()
+    runs[0]["subtrack_15d1109"] = seeds_table.main_run_losses(("subtrack_adamw",))["subtrack_adamw"]
+    new = seeds_table.runs_of(seeds_table.HERE / "seeds_cpu_1-5_subtrack_15d1109.json")
+    for seed, row in new.items():
+        runs[seed]["subtrack_15d1109"] = row["subtrack_adamw"]
     return runs
 
 
 def main() -> None:
-    # the same table as benchmarks/projection_seeds (one file, loaded by path)
-    spec = importlib.util.spec_from_file_location(
-        "projection_seeds_table", HERE.parent / "projection_seeds" / "table.py"
-    )
-    seeds_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeds_table)
-    seeds_table.table(None, load(), NAMES)
+    _seeds_table().table(None, load(), NAMES)  # the same table as benchmarks/projection_seeds
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ def runs_of(path: Path) -> dict[int, dict[str, float]]:
     return {int(s): r for s, r in json.loads(path.read_text())["runs"].items()}
 
 
+def main_run_losses(names: tuple[str, ...] = NAMES) -> dict[str, float]:
+    """``lm`` eval losses of the main benchmark run (``benchmarks/results.json``, seed 0)."""
+    results = json.loads((HERE.parent / "results.json").read_text())["tasks"]["lm"]["results"]
+    return {n: results[n]["eval_loss"] for n in names}
+
+
 def table(
     title: str | None, runs: dict[int, dict[str, float]], names: tuple[str, ...] = NAMES
 ) -> None:
@@ -63,8 +69,7 @@ def main() -> None:
     table("Before commit 9e3c36c (COAP one-pass)", before)
     then = runs_of(HERE / "seed0_9e3c36c.json") | runs_of(HERE / "seeds_cpu_2-5_9e3c36c.json")
     table("With the code of commit 9e3c36c (COAP power_iters=2)", then)
-    main_run = json.loads((HERE.parent / "results.json").read_text())["tasks"]["lm"]["results"]
-    now = {0: {n: main_run[n]["eval_loss"] for n in NAMES}}
+    now = {0: main_run_losses()}
     subtrack = runs_of(HERE / "seeds_cpu_1-5_subtrack_15d1109.json")
     for seed in (2, 3, 4, 5):
         now[seed] = then[seed] | {"subtrack_adamw": subtrack[seed]["subtrack_adamw"]}
