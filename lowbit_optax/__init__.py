@@ -9,7 +9,16 @@ from lowbit_optax.error_feedback import (
     random_k,
     top_k,
 )
-from lowbit_optax.memory import LeafMemory, MemoryReport, memory_report, state_bytes
+from lowbit_optax.memory import (
+    CompiledMemory,
+    LeafMemory,
+    MemoryReport,
+    StepMemory,
+    compiled_memory,
+    memory_report,
+    state_bytes,
+    step_memory,
+)
 from lowbit_optax.preconditioners import (
     ScaleByWindowState,
     ggt,
@@ -70,6 +79,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "COAPProjector",
     "Codec",
+    "CompiledMemory",
     "Compressor",
     "ErrorFeedbackState",
     "LeafMemory",
@@ -78,6 +88,7 @@ __all__ = [
     "QuantizedArray",
     "SNRCalibrationState",
     "SVDProjector",
+    "StepMemory",
     "ScaleByQuantizedAdamState",
     "ScaleBySlimAdamState",
     "ScaleByWindowState",
@@ -87,6 +98,7 @@ __all__ = [
     "candidate_axes",
     "coap_adamw",
     "coap_adamw_8bit",
+    "compiled_memory",
     "dequantize",
     "dynamic_exponent_levels",
     "dynamic_tree_levels",
@@ -121,6 +133,7 @@ __all__ = [
     "sparse_ggt",
     "sparse_mfac",
     "state_bytes",
+    "step_memory",
     "subtrack_adamw",
     "top_k",
 ]

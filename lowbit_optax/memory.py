@@ -8,19 +8,37 @@ to the number of parameters.
 
 Both read shapes and dtypes only, so they accept real arrays, numpy arrays and
 ``jax.ShapeDtypeStruct`` leaves alike (e.g. the output of ``jax.eval_shape``).
+
+The state is not all the memory a step needs. ``compiled_memory`` reads XLA's own
+buffer assignment of a jitted function (``memory_analysis()``: arguments, outputs,
+aliased (donated) bytes and temporaries) and ``step_memory`` applies it to an optimizer's
+donated update and, given a loss, to a whole training step. Both compile only: on
+``jax.ShapeDtypeStruct`` inputs they answer "what does my 7B model's update need?"
+without allocating it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LeafMemory", "MemoryReport", "dtype_bits", "memory_report", "state_bytes"]
+__all__ = [
+    "CompiledMemory",
+    "LeafMemory",
+    "MemoryReport",
+    "StepMemory",
+    "compiled_memory",
+    "dtype_bits",
+    "memory_report",
+    "state_bytes",
+    "step_memory",
+]
 
 
 def _is_array_like(x: Any) -> bool:
@@ -164,4 +182,185 @@ def memory_report(opt_state: Any, params: Any) -> MemoryReport:
         num_params=int(num_params),
         param_bytes=state_bytes(params),
         leaves=tuple(leaves),
+    )
+
+
+# ------------------------------------------------------------------------------------
+# Compiled memory: what a jitted step needs, from XLA's buffer assignment
+# ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledMemory:
+    """XLA's planned memory of one compiled program (``compiled.memory_analysis()``).
+
+    Attributes:
+      argument_bytes: the inputs' buffers.
+      output_bytes: the outputs' buffers (XLA adds 8 bytes of tuple pointer per output).
+      alias_bytes: output bytes written into donated input buffers (counted once).
+      temp_bytes: everything else the program allocates while it runs.
+    """
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """``argument + output - alias + temp``: the bytes live at the program's peak,
+        as planned (an upper bound of the device's own peak for this program)."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    def per_param(self, num_params: int) -> dict[str, float]:
+        """Every figure (and the peak) divided by ``num_params``."""
+        fields = dataclasses.asdict(self) | {"peak_bytes": self.peak_bytes}
+        return {k: v / num_params for k, v in fields.items()}
+
+
+def compiled_memory(
+    fn: Callable[..., Any],
+    *args: Any,
+    donate_argnums: int | Sequence[int] = (),
+    static_argnums: int | Sequence[int] = (),
+) -> CompiledMemory:
+    """XLA's planned memory of ``jax.jit(fn, donate_argnums=...)`` on ``args``.
+
+    Compiles only; nothing runs. ``args`` may be arrays or ``jax.ShapeDtypeStruct``
+    trees (with shardings, for a sharded program's per-device figures).
+
+    Args:
+      fn: the function to jit.
+      *args: its arguments (values or abstract).
+      donate_argnums: arguments whose buffers the outputs may reuse, as a training loop
+        donates params and optimizer state.
+      static_argnums: as ``jax.jit``.
+
+    Returns:
+      A ``CompiledMemory``.
+
+    Raises:
+      RuntimeError: the backend gives no memory analysis.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.ShapeDtypeStruct((1024,), jnp.float32)
+      >>> compiled_memory(lambda x: 2 * x, x, donate_argnums=0).peak_bytes
+      4096
+    """
+    compiled = (
+        jax.jit(fn, donate_argnums=donate_argnums, static_argnums=static_argnums)
+        .lower(*args)
+        .compile()
+    )
+    stats = compiled.memory_analysis()
+    if stats is None:
+        raise RuntimeError(
+            f"the {jax.default_backend()!r} backend gives no memory analysis of compiled programs"
+        )
+    return CompiledMemory(
+        argument_bytes=int(stats.argument_size_in_bytes),
+        output_bytes=int(stats.output_size_in_bytes),
+        alias_bytes=int(stats.alias_size_in_bytes),
+        temp_bytes=int(stats.temp_size_in_bytes),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """Memory of an optimizer on a parameter tree: stored state and compiled peaks.
+
+    Attributes:
+      num_params: parameter elements.
+      param_bytes: bytes of the params (= of their gradients).
+      state_bytes: ``state_bytes`` of the optimizer state.
+      update: the donated update ``(params, state, grads) -> (params', state')``
+        (``tx.update`` then ``optax.apply_updates``; params and state donated).
+      train_step: the donated training step ``(params, state, batch) ->
+        (params', state', loss)`` (``jax.value_and_grad(loss_fn)`` then the update), or
+        ``None`` without a loss.
+    """
+
+    num_params: int
+    param_bytes: int
+    state_bytes: int
+    update: CompiledMemory
+    train_step: CompiledMemory | None = None
+
+    def bytes_per_param(self) -> dict[str, float | None]:
+        """State, update peak (and temp) and training-step peak per parameter."""
+        n = self.num_params
+        step = self.train_step
+        return {
+            "state": self.state_bytes / n,
+            "update_peak": self.update.peak_bytes / n,
+            "update_temp": self.update.temp_bytes / n,
+            "train_step_peak": None if step is None else step.peak_bytes / n,
+        }
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
+
+
+def step_memory(
+    tx: Any,
+    params: Any,
+    loss_fn: Callable[[Any, Any], jax.Array] | None = None,
+    batch: Any = None,
+) -> StepMemory:
+    """Compiled memory of an optimizer's donated update and training step.
+
+    Compiles only: ``params`` (and ``batch``) may be ``jax.ShapeDtypeStruct`` trees,
+    e.g. ``jax.eval_shape`` of a model's init, so a laptop can ask what a large model's
+    step needs. The gradients have the params' shapes and dtypes.
+
+    Args:
+      tx: an ``optax.GradientTransformation``.
+      params: the parameter tree (values or abstract).
+      loss_fn: ``loss_fn(params, batch) -> scalar``; with it, the training step is
+        measured too.
+      batch: ``loss_fn``'s second argument (values or abstract).
+
+    Returns:
+      A ``StepMemory``. The update's peak of ``optax.adamw`` is params + grads + state
+      (its update fuses into one pass over each leaf, with no temporaries).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}
+      >>> m = step_memory(optax.adamw(1e-3), params)
+      >>> round(m.update.peak_bytes / m.num_params, 2)  # params + grads + mu + nu
+      16.0
+    """
+    import optax  # a runtime dependency; imported here to keep this module light
+
+    params = _abstract(params)
+    state = jax.eval_shape(tx.init, params)
+
+    def update(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    update_mem = compiled_memory(update, params, state, params, donate_argnums=(0, 1))
+    step_mem = None
+    if loss_fn is not None:
+
+        def train_step(params, state, batch):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, loss
+
+        step_mem = compiled_memory(
+            train_step, params, state, _abstract(batch), donate_argnums=(0, 1)
+        )
+    return StepMemory(
+        num_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
+        param_bytes=state_bytes(params),
+        state_bytes=state_bytes(state),
+        update=update_mem,
+        train_step=step_mem,
     )

@@ -82,6 +82,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lowbit_optax._driver import Chain, map_rows
 from lowbit_optax._util import adamw_chain, auto_axes_like_inputs, unflatten_like
 
 __all__ = [
@@ -452,12 +453,6 @@ def _plan(shape, selected, rank, min_dim, reshape) -> _Leaf:
     return _Leaf(True, shape, m, n, min(r, k))
 
 
-def _orient(g: jax.Array, leaf: _Leaf) -> jax.Array:
-    """The float32 ``K x M`` view of a gradient."""
-    g2 = g.reshape(leaf.m, leaf.n).astype(jnp.float32)
-    return g2.T if leaf.right else g2
-
-
 def _to_a(x: jax.Array, leaf: _Leaf) -> jax.Array:
     """An inner-state/low-rank array (low shape) in ``A``'s ``r x M`` orientation (the
     transpose on the right; its own inverse)."""
@@ -616,15 +611,22 @@ def low_rank_projection(
         if moments == "rotate":
             rho = _bias_ratio(_inner_count(state.inner_state, count), *moment_betas)
 
-        new_s, low, low32 = [], [], []
-        for i, (g, lf, s) in enumerate(zip(leaves, layout, s_old, strict=True)):
+        # Projected leaves one after another (``Chain``), largest first: an event's
+        # decompositions work on K x M temporaries, best paid while few of the low-rank
+        # gradients the inner transform needs are alive yet. The back-projections below
+        # run in the reverse order, largest last, when most low-rank arrays are freed.
+        n_leaves = len(leaves)
+        new_s, low, low32 = [None] * n_leaves, [None] * n_leaves, [None] * n_leaves
+        by_size = sorted(range(n_leaves), key=lambda i: -math.prod(leaves[i].shape))
+        chain = Chain()
+        for i in by_size:
+            g, lf, s = leaves[i], layout[i], s_old[i]
             if not lf.projected:
-                new_s.append(s)
-                low.append(g)
-                low32.append(None)
+                new_s[i], low[i] = s, g
                 continue
             g2 = g.reshape(lf.m, lf.n).astype(jnp.float32)
-            s32 = s.astype(jnp.float32)
+            # leaves one after another: an event's decompositions work on K x M copies
+            s32 = chain.gate(s.astype(jnp.float32))
             # the projected gradient while S stays, in the inner state's orientation
             # (G S on the right, S^T G on the left: no transposed copy of G)
             low_g = g2 @ s32 if lf.right else s32.T @ g2
@@ -653,11 +655,11 @@ def low_rank_projection(
             s_new, low_g, moved = jax.lax.cond(
                 event, changed, lambda s32=s32, low_g=low_g, moved=moved: (s32, low_g, moved)
             )
-            new_s.append(s_new)
-            low32.append(low_g)
+            new_s[i] = chain.close(s_new)
+            low32[i] = low_g
             if moments != "keep":
                 new_mu[i], new_nu[i] = moved
-            low.append(low_g.astype(g.dtype))
+            low[i] = low_g.astype(g.dtype)
 
         inner_state = state.inner_state
         if moments != "keep":
@@ -665,22 +667,17 @@ def low_rank_projection(
                 inner_state, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu)
             )
         low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None)
-        out, norms = [], treedef.flatten_up_to(state.residual_norms)
-        for i, (g, lf, u, s_new) in enumerate(
-            zip(leaves, layout, treedef.flatten_up_to(low_updates), new_s, strict=True)
-        ):
-            if not lf.projected:
-                out.append(u)
-                continue
-            ua = _to_a(u.astype(jnp.float32), lf)
-            full = s_new @ ua
-            if recover:
-                term, norms[i] = _recovered(
-                    _orient(g, lf), s_new, _to_a(low32[i], lf), ua, norms[i], recover_limit
+        out, norms = (
+            list(treedef.flatten_up_to(low_updates)),
+            treedef.flatten_up_to(state.residual_norms),
+        )
+        for i in reversed(by_size):
+            lf = layout[i]
+            if lf.projected:
+                back = lambda g, *a, lf=lf: _back_projected(
+                    g, lf, *a, scale, recover, recover_limit
                 )
-                full = full + term
-            full = full.T if lf.right else full
-            out.append((scale * full).reshape(lf.shape).astype(g.dtype))
+                out[i], norms[i] = chain(back, leaves[i], out[i], new_s[i], low32[i], norms[i])
         projectors = treedef.unflatten(
             [
                 s if not lf.projected else s.astype(proj_dtype)
@@ -698,20 +695,52 @@ def low_rank_projection(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _recovered(gk, s, a, ua, last_norm, limit):
-    """Fira's recovered term ``phi R`` (``R = Gk - S A``, ``A = S^T Gk``,
-    ``phi = |U| / |A|``) with the norm-growth limiter: if ``|phi R| > limit * last_norm``
-    (and there is a last norm) it is scaled down to ``limit * last_norm``. Returns the
-    term and its norm."""
-    resid = gk - s @ a
-    na = jnp.linalg.norm(a)
-    phi = jnp.where(na > 0, jnp.linalg.norm(ua) / jnp.where(na > 0, na, 1.0), 0.0)
-    term = phi * resid
-    norm = jnp.linalg.norm(term)
-    cap = limit * last_norm
-    factor = jnp.where((last_norm > 0) & (norm > cap), cap / jnp.where(norm > 0, norm, 1.0), 1.0)
-    ok = jnp.isfinite(norm)  # a non-finite gradient leaves the limiter's memory alone
-    return term * factor, jnp.where(ok, norm * factor, last_norm)
+def _back_projected(g, lf, u_low, s_new, low_g, last_norm, scale, recover, limit):
+    """The full-size update of a projected leaf, ``scale * S U`` (re-oriented), plus
+    Fira's recovered term with ``recover``, computed in row slices of the parameter's
+    ``m x n`` view written over the gradient (``map_rows``): one slice of the ``K x M``
+    product is alive at a time. Returns the update (the gradient's shape and dtype) and
+    the recovered term's norm (``last_norm`` without recovery)."""
+    u_low = u_low.astype(jnp.float32)
+    g2 = g.reshape(lf.m, lf.n)
+    # on the right the rows of the update are the columns of S U, i.e. rows of the inner
+    # update (m x r); on the left they are rows of S (m x r)
+    by_rows = u_low if lf.right else s_new
+
+    def product(rows):
+        return (s_new @ rows.T).T if lf.right else rows @ u_low
+
+    phi = factor = None
+    if recover:
+        ua, a = _to_a(u_low, lf), _to_a(low_g, lf)
+        na = jnp.linalg.norm(a)
+        phi = jnp.where(na > 0, jnp.linalg.norm(ua) / jnp.where(na > 0, na, 1.0), 0.0)
+        low_rows = low_g if lf.right else s_new
+
+        def residual(g_rows, low):  # rows of R = Gk - S A in the parameter's orientation
+            return g_rows.astype(jnp.float32) - ((s_new @ low.T).T if lf.right else low @ low_g)
+
+        def squares(carried, readonly, _):
+            g_rows, low = readonly
+            return jnp.sum((phi * residual(g_rows, low)) ** 2, axis=-1)
+
+        sums = map_rows(squares, jnp.zeros((lf.m,), jnp.float32), (g2, low_rows), shape=g2.shape)
+        norm = jnp.sqrt(jnp.sum(sums))
+        cap = limit * last_norm
+        shrink = (last_norm > 0) & (norm > cap)
+        factor = jnp.where(shrink, cap / jnp.where(norm > 0, norm, 1.0), 1.0)
+        ok = jnp.isfinite(norm)  # a non-finite gradient leaves the limiter's memory alone
+        last_norm = jnp.where(ok, norm * factor, last_norm)
+
+    def rows(g_rows, readonly, _):
+        full = product(readonly[0])
+        if recover:
+            full = full + (phi * residual(g_rows, readonly[1])) * factor
+        return (scale * full).astype(g_rows.dtype)
+
+    ro = (by_rows, low_rows) if recover else (by_rows,)
+    u = map_rows(rows, g2, ro)
+    return u.reshape(lf.shape), last_norm
 
 
 def _float_moments(inner_state: Any, what: str) -> None:

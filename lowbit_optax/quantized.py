@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from lowbit_optax import quantization as qz
+from lowbit_optax._driver import Chain, map_rows
 from lowbit_optax._util import adamw_chain, on_auto_axes, unflatten_like
 from lowbit_optax.quantization import MAPS, make_codec  # noqa: F401 (re-exported)
 
@@ -70,11 +71,6 @@ class ScaleByQuantizedAdamState(NamedTuple):
     nu_codes: optax.Updates
     nu_scales: optax.Updates
     nu_bases: optax.Updates
-
-
-def _leaf_key(key: jax.Array, i: int) -> tuple[jax.Array, jax.Array]:
-    k = jax.random.fold_in(key, i)
-    return jax.random.fold_in(k, 0), jax.random.fold_in(k, 1)
 
 
 def scale_by_quantized_adam(
@@ -204,18 +200,25 @@ def scale_by_quantized_adam(
 
         leaves, treedef = jax.tree.flatten(updates)
         per_field = [treedef.flatten_up_to(f) for f in state[2:]]
+        chain = Chain()  # quantized leaves one after another (bounded temporaries)
+
+        def leaf_fn(extra, g, *moments):
+            key, hp = extra
+            return map_rows(
+                lambda c, _, rows: _quantized_leaf(*c, key, rows, mu_codec, nu_codec, hp),
+                (g, *moments),
+                materialize=nu_codec.is_log,  # SOLO's heavier math (see map_rows)
+            )
+
         out = []
         for i, g in enumerate(leaves):
             moments = [f[i] for f in per_field]
             if isinstance(moments[1], optax.MaskedNode):
                 out.append(_float_leaf(g, moments[0], moments[2], hp))
             else:
-                keys = _leaf_key(step_key, i)
-
-                def leaf_fn(extra, g, *moments):
-                    return _quantized_leaf(g, *moments, extra[0], mu_codec, nu_codec, extra[1])
-
-                out.append(on_auto_axes(leaf_fn, (keys, hp), g, *moments))
+                key = jax.random.fold_in(step_key, i)
+                run = lambda *a, key=key: on_auto_axes(leaf_fn, (key, hp), *a)
+                out.append(chain(run, g, *moments))
         new = [treedef.unflatten([o[j] for o in out]) for j in range(6)]
         return new[0], ScaleByQuantizedAdamState(count, state.key, *new[1:])
 
@@ -250,10 +253,12 @@ def _float_leaf(g, mu, w, hp: _Hyper):
     return u.astype(g.dtype), mu, optax.MaskedNode(), w, optax.MaskedNode(), optax.MaskedNode()
 
 
-def _quantized_leaf(g, mu_c, mu_s, nu_c, nu_s, nu_b, keys, mu_codec, nu_codec, hp: _Hyper):
-    """One quantized leaf, in block view ``(..., nb, B)``; see the module docstring."""
+def _quantized_leaf(g, mu_c, mu_s, nu_c, nu_s, nu_b, key, rows, mu_codec, nu_codec, hp: _Hyper):
+    """One quantized leaf (or row slice of one), in block view ``(..., nb, B)``; see the
+    module docstring. ``key``: this leaf's stochastic-rounding key; ``rows``: the slice's
+    rows of the leaf (``None``: the whole leaf), where the noise is drawn."""
     b1, b2, eps, bc1, bc2 = hp
-    k_mu, k_nu = keys
+    k_mu, k_nu = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     n, block = g.shape[-1], mu_codec.block_size
     lead = g.shape[:-1]
     gb = qz.to_blocks(g.astype(jnp.float32), block)
@@ -272,14 +277,15 @@ def _quantized_leaf(g, mu_c, mu_s, nu_c, nu_s, nu_b, keys, mu_codec, nu_codec, h
     s_old = nu_s.astype(jnp.float32)[..., None]
     base = None if isinstance(nu_b, optax.MaskedNode) else nu_b.astype(jnp.float32)[..., None]
     y_old = qz.decode_blocks(unpacked(nu_c, nu_codec.bits), 1.0, base, nu_codec)
-    r = jnp.maximum(jnp.maximum(s_old, jnp.max(jnp.abs(gb), axis=-1, keepdims=True)), _TINY)
+    r = jnp.maximum(jnp.maximum(s_old, qz.block_max(jnp.abs(gb))), _TINY)
     vr = b2 * y_old * (s_old / r) ** 2 + (1 - b2) * (gb / r) ** 2
 
     u = (m / bc1) / (jnp.sqrt(vr) * r / jnp.sqrt(bc2) + eps)
 
-    mu_codes, mu_scale, _ = qz.encode_blocks(m, mu_codec, qz.uniform_noise(mu_codec, k_mu, m.shape))
+    mu_noise = qz.uniform_noise(mu_codec, k_mu, m.shape, rows)
+    mu_codes, mu_scale, _ = qz.encode_blocks(m, mu_codec, mu_noise)
     nu_codes, vmax, nu_base = qz.encode_blocks(
-        vr, nu_codec, qz.uniform_noise(nu_codec, k_nu, vr.shape)
+        vr, nu_codec, qz.uniform_noise(nu_codec, k_nu, vr.shape, rows)
     )
     sdt = jnp.dtype(mu_codec.scale_dtype)
     packed = lambda c, bits: qz.pack(c, bits).reshape(*lead, -1)

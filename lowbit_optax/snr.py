@@ -58,6 +58,7 @@ import numpy as np
 import optax
 
 from lowbit_optax import quantization as qz
+from lowbit_optax._driver import Chain, map_rows
 from lowbit_optax._util import on_auto_axes, path_str, unflatten_like, zeros_for
 
 __all__ = [
@@ -756,6 +757,8 @@ def scale_by_slim_adam(
             )
             for i, r in zip(idx, results, strict=True):
                 out[i] = r
+        chain = Chain()  # quantized leaves one after another (bounded temporaries)
+        hyper = (b1, b2, eps, eps_root, count)
         for i, (g, plan) in enumerate(zip(leaves, leaf_plans, strict=True)):
             if out[i] is not None:
                 continue
@@ -764,7 +767,8 @@ def scale_by_slim_adam(
             def leaf_fn(extra, g, mu, mu_s, nu, nu_s, plan=plan):
                 return _quantized_leaf(g, mu, mu_s, nu, nu_s, plan, mu_codec, nu_codec, *extra)
 
-            out[i] = on_auto_axes(leaf_fn, (b1, b2, eps, eps_root, count), g, mu, mu_s, nu, nu_s)
+            run = lambda *a, leaf_fn=leaf_fn: on_auto_axes(leaf_fn, hyper, *a)
+            out[i] = chain(run, g, mu, mu_s, nu, nu_s)
         new = [treedef.unflatten([o[j] for o in out]) for j in range(5)]
         return new[0], ScaleBySlimAdamState(count, *new[1:])
 
@@ -791,34 +795,65 @@ def _float_leaves(gs, mus, nus, axes, b1, b2, eps, eps_root, count, mu_dtype):
 
 
 def _quantized_leaf(g, mu, mu_s, nu, nu_s, plan, mu_codec, nu_codec, b1, b2, eps, eps_root, count):
-    """A leaf with a quantized first and/or reduced second moment, in float32."""
-    g32 = g.astype(jnp.float32)
+    """A leaf with a quantized first and/or reduced second moment, in float32.
+
+    The reduced second moment (``mean_K(g**2)`` and the update's denominator) is small
+    and computed whole; the first moment and the update run over row slices of the leaf
+    (``map_rows``), with the update written over the gradient. With no averaging axes
+    and a float second moment, the second moment runs in the slices too; a quantized
+    second moment of full size (no averaging axes) runs whole."""
     shape = tuple(g.shape)
     rshape = _reduced_shape(shape, plan.axes)
     t = count.astype(jnp.float32)
-    if plan.mu_q:
-        m = qz.dequantize(qz.QuantizedArray(mu, mu_s, None, mu_codec, shape))
-    else:
-        m = mu.astype(jnp.float32)
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    full_nu = not plan.axes  # second moment of the leaf's own shape
     if plan.nu_q:
         qshape = _squeezed(rshape)
         v = qz.dequantize(qz.QuantizedArray(nu, nu_s, None, nu_codec, qshape)).reshape(rshape)
-    else:
+    elif not full_nu:
         v = nu.astype(jnp.float32)
-    m = b1 * m + (1 - b1) * g32
-    v = b2 * v + (1 - b2) * _mean_sq(g32, plan.axes)
-    u = (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t) + eps_root) + eps)
-    if plan.mu_q:
-        qm = qz.quantize(m, mu_codec)
-        mu, mu_s = qm.codes, qm.scales
+    if not full_nu or plan.nu_q:
+        v = b2 * v + (1 - b2) * _mean_sq(g.astype(jnp.float32), plan.axes)
+        den = jnp.sqrt(v / bc2 + eps_root) + eps
+        if plan.nu_q:
+            qv = qz.quantize(v.reshape(_squeezed(rshape)), nu_codec)
+            nu, nu_s = qv.codes, qv.scales
+        else:
+            nu, nu_s = v.astype(nu.dtype), optax.MaskedNode()
+
+    def rows(carried, readonly, _):
+        g, mu, mu_s, *nu_rows = carried
+        g32 = g.astype(jnp.float32)
+        if plan.mu_q:
+            m = qz.dequantize(qz.QuantizedArray(mu, mu_s, None, mu_codec, tuple(g.shape)))
+        else:
+            m = mu.astype(jnp.float32)
+        m = b1 * m + (1 - b1) * g32
+        if nu_rows:  # full-size float second moment, sliced with the leaf
+            v = b2 * nu_rows[0].astype(jnp.float32) + (1 - b2) * g32**2
+            d = jnp.sqrt(v / bc2 + eps_root) + eps
+            nu_rows = [v.astype(nu_rows[0].dtype)]
+        else:
+            d = readonly if sliced_den else den
+        u = (m / bc1) / d
+        if plan.mu_q:
+            qm = qz.quantize(m, mu_codec)
+            mu, mu_s = qm.codes, qm.scales
+        else:
+            mu = m.astype(mu.dtype)
+        return (u.astype(g.dtype), mu, mu_s, *nu_rows)
+
+    carried = (g, mu, mu_s, *((nu,) if full_nu and not plan.nu_q else ()))
+    sliced_den = not full_nu and 0 not in plan.axes  # row-aligned: read by slice
+    readonly = den if sliced_den else ()
+    if full_nu and plan.nu_q:  # pragma: no cover - quantized Adam is scale_by_quantized_adam
+        out = rows(carried, readonly, None)
     else:
-        mu, mu_s = m.astype(mu.dtype), optax.MaskedNode()
-    if plan.nu_q:
-        qv = qz.quantize(v.reshape(_squeezed(rshape)), nu_codec)
-        nu, nu_s = qv.codes, qv.scales
-    else:
-        nu, nu_s = v.astype(nu.dtype), optax.MaskedNode()
-    return u.astype(g.dtype), mu, mu_s, nu, nu_s
+        out = map_rows(rows, carried, readonly)
+    u, mu, mu_s, *nu_rows = out
+    if nu_rows:
+        nu, nu_s = nu_rows[0], optax.MaskedNode()
+    return u, mu, mu_s, nu, nu_s
 
 
 def slim_state_from_adam(

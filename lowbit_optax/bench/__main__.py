@@ -1,6 +1,6 @@
 """``python -m lowbit_optax.bench``: memory, speed and loss of every registered optimizer.
 
-Runs the tasks ``lm``, ``digits`` and ``update`` (see ``tasks``) for the chosen
+Runs the tasks ``lm``, ``digits``, ``update`` and ``memory`` (see ``tasks``) for the chosen
 optimizers, prints a table per task and writes ``results.json``, ``results.md`` and
 ``results.png`` into ``--out``. Times are ratios to ``optax.adamw`` measured
 interleaved in this process; see results.md for how to read them.
@@ -23,7 +23,7 @@ from typing import Any
 
 from lowbit_optax.bench import registry
 
-TASK_NAMES = ("lm", "digits", "update")
+TASK_NAMES = ("lm", "digits", "update", "memory")
 EXTRAS = {"flax": "flax", "matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
 
 
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [
             (f"{name}@lr={lr:g}", name, dataclasses.replace(settings, lr=lr, time_updates=False))
             for name in args.task
-            if name != "update"
+            if name not in ("update", "memory")
             for lr in args.lrs
         ]
     for key, name, run_settings in runs:

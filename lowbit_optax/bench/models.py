@@ -3,7 +3,7 @@
 The transformer keeps every projection a 2-D ``nnx.Linear`` kernel laid out
 (in, out), as Flax does, so per-layer rules (SlimAdam) and low-rank projection see
 plain matrices. Parameter names: ``embed``, ``blocks/i/{attn/{q,k,v,o},mlp/{up,down},
-norm1,norm2}``, ``norm_f``, ``lm_head``.
+norm1,norm2}``, ``norm_f``, ``lm_head`` (absent with tied embeddings).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class LMConfig:
     heads: int = 4
     mlp_ratio: int = 4
     seq_len: int = 128
+    tie_embeddings: bool = False  # GPT-2: the output layer is the token embedding
 
 
 class Attention(nnx.Module):
@@ -75,14 +76,16 @@ class TransformerLM(nnx.Module):
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.width)))
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.norm_f = nnx.LayerNorm(cfg.width, rngs=rngs)
-        self.lm_head = nnx.Linear(cfg.width, cfg.vocab_size, use_bias=False, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Linear(cfg.width, cfg.vocab_size, use_bias=False, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         t = tokens.shape[1]
         x = self.embed(tokens) + self.pos[...][:t]
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.norm_f(x))
+        x = self.norm_f(x)
+        return self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
 
 
 class MLPClassifier(nnx.Module):

@@ -35,6 +35,13 @@ How to read this:
   not report it, as on CPU).
 - *train loss*: mean over the last `log_every` steps; *eval loss*: held-out data after
   the last step; *eval vs {registry.REFERENCE}*: relative difference of the eval loss.
+- *memory* (compile-only, nothing allocated; `lowbit_optax.step_memory`): per model,
+  *state* is the exact state in bytes/param; *update peak* is XLA's planned peak
+  (arguments + outputs - aliased + temporaries) of the donated update `(params, state,
+  grads) -> (params, state)`, with its *limit* params + grads + state + 1 byte/param;
+  *step peak* is the same for the donated training step (forward, backward, update) on a
+  batch of 4 x 256 tokens; *saving* is (adamw's step peak - this one) / (adamw's state -
+  this one): 1.0 means every byte saved in the state is saved in the step.
 """
 
 
@@ -65,8 +72,39 @@ def _vs_reference(rec: Results, ref: Results | None) -> str:
     return f"{100 * (rec['eval_loss'] / ref['eval_loss'] - 1):+.1f}%"
 
 
+def is_memory_task(task: Results) -> bool:
+    return "models" in task["config"]
+
+
+def memory_rows(task: Results) -> list[list[str]]:
+    """Header and one row per optimizer for the compile-only memory task."""
+    models = list(task["config"]["models"])
+    header = ["optimizer", "status"]
+    for m in models:
+        header += [f"{m} state", "update peak (limit)", "step peak", "saving"]
+    rows = [header]
+    for name, rec in task["results"].items():
+        row = [name, "ok" if rec["status"] == "ok" else "error"]
+        for m in models:
+            r = rec.get("memory", {}).get(m)
+            if r is None:
+                row += ["n/a"] * 4
+                continue
+            peak = f"{r['update_peak']:.2f} ({r['update_limit']:.2f})"
+            row += [
+                fmt(r["state"], ".2f"),
+                peak,
+                fmt(r["step_peak"], ".2f"),
+                fmt(r.get("step_saving"), ".2f"),
+            ]
+        rows.append(row)
+    return rows
+
+
 def table_rows(task: Results) -> list[list[str]]:
     """Header and one row per optimizer for a task's results."""
+    if is_memory_task(task):
+        return memory_rows(task)
     ref_name = registry.REFERENCE
     results = task["results"]
     ref = results.get(ref_name)
@@ -146,6 +184,8 @@ def summary_table(results: Results) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for task_name, task in results["tasks"].items():
+        if is_memory_task(task):
+            continue
         ref_rec = task["results"].get(ref)
         for name, rec in task["results"].items():
             if rec["status"] != "ok":
@@ -173,10 +213,25 @@ def sync_readme(readme: Path, results: Results) -> None:
     meta = results["meta"]
     device = f"{meta['device_kind']} ({meta['backend']}, {meta['cpu_count']} CPU cores)"
     block = f"\nMeasured on {device}:\n\n{summary_table(results)}\n"
+    memory = [t for t in results["tasks"].values() if is_memory_task(t)]
+    if memory:
+        block += (
+            "\nMemory, compile-only, bytes per parameter (update peak with its limit "
+            "params + grads + state + 1):\n\n" + markdown_table(memory[0]) + "\n"
+        )
     readme.write_text(head + README_BEGIN + block + README_END + tail)
 
 
 def _config_line(config: Results) -> str:
+    if "models" in config:
+        return (
+            "; ".join(
+                f"{name}: {m['num_params']:,} params (width {m['width']}, depth {m['depth']}, "
+                f"vocab {m['vocab_size']}{', tied embeddings' if m['tie_embeddings'] else ''})"
+                for name, m in config["models"].items()
+            )
+            + f"; batch {' x '.join(map(str, config['batch']))} tokens"
+        )
     keys = ("steps", "lr", "batch_size", "log_every", "eval_every", "rounds", "calls")
     parts = [f"{k} {config[k]}" for k in keys if k in config]
     parts.append(f"{config['num_params']:,} params")

@@ -1,0 +1,179 @@
+"""The per-leaf driver every transform runs its update through (internal).
+
+A transform writes its math for one leaf (``fn`` on the leaf's gradient and state, in
+float32) and hands it to ``map_rows``; ``Chain`` runs the leaves one after another. Two
+things bound the memory of an update this way, both read off XLA's buffer assignment
+(``lowbit_optax.step_memory``):
+
+* **Row slices.** A leaf larger than ``SLICE_ELEMENTS`` runs as a ``lax.fori_loop`` over
+  slices of its leading axis, each slice read and written in place with
+  ``dynamic_update_slice``, so the float32 working set of the math (decoded moments,
+  block statistics, search intermediates) is one slice, not the leaf. The update itself
+  is written over the gradient in the same loop: in a training step the gradient is an
+  intermediate that dies with the update, and XLA reuses its buffer in place. Slices are
+  *strided*: the leading axis ``d`` is viewed as ``(d // k, k)`` and iteration ``i`` takes
+  ``[:, i]``, so an axis sharded over devices stays sharded along ``d // k`` inside every
+  slice and no iteration needs another device's rows (a contiguous
+  ``dynamic_slice`` along a sharded axis makes XLA's SPMD partitioner gather the whole
+  axis). ``k`` divides ``d // gcd(d, device_count)``, so every possible shard count of
+  that axis still divides a slice.
+* **Leaves in sequence.** XLA CPU's default scheduler runs independent work concurrently;
+  with no order between leaves, the temporaries of every leaf are alive at once (we
+  measured the sum over all leaves in ``memory_analysis``). ``Chain`` threads a *token*
+  through the leaves: a float32 zero computed from one leaf's result that multiplies the
+  next leaf's gradient by ``1 + token`` (an exact identity, also for NaN, inf and -0.0).
+  The next leaf's work cannot start before the previous one is done, so one leaf's
+  temporaries are alive at a time.
+
+Leaves whose math is elementwise (float32 Adam-like moments) need neither: XLA fuses them
+into ``optax.apply_updates`` with no temporary, in place, as it does ``optax.adamw``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# The largest leaf (elements) that runs as a whole; larger ones run in row slices of
+# about this size. 2**18 float32 values are 1 MiB per temporary.
+SLICE_ELEMENTS = 2**18
+
+
+def gate(x: Any, token: jax.Array) -> Any:
+    """``x`` unchanged, but computed after ``token`` (a float32 zero): the token, as an
+    integer, is added to the bits of each leaf (floats bit-cast to integers of their
+    width, so even denormals, which XLA CPU's float arithmetic flushes, pass exactly)."""
+
+    def one(a):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a + token.astype(a.dtype)
+        ints = jnp.dtype(f"uint{jnp.dtype(a.dtype).itemsize * 8}")
+        bits = jax.lax.bitcast_convert_type(a, ints) + token.astype(ints)
+        return jax.lax.bitcast_convert_type(bits, a.dtype)
+
+    return jax.tree.map(one, x)
+
+
+def _zero_of(x: jax.Array) -> jax.Array:
+    probe = x[(0,) * x.ndim] if x.size else jnp.zeros([], x.dtype)
+    return jnp.isnan(probe.astype(jnp.float32)).astype(jnp.float32) * 0.0
+
+
+def token_of(x: Any) -> jax.Array:
+    """A float32 zero that XLA can only compute once ``x`` (its first array) exists."""
+    first = jax.tree.leaves(x)[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types:
+        # one element of a sharded array: let XLA's propagation fetch it
+        return jax.sharding.auto_axes(_zero_of, out_sharding=jax.sharding.PartitionSpec())(first)
+    return _zero_of(first)
+
+
+class Chain:
+    """Sequences per-leaf work. ``chain(fn, first, *rest)`` gates ``first`` (the leaf's
+    gradient, which the work reads first) on the previous call's result, calls
+    ``fn(first, *rest)`` and keeps a token of its result for the next call;
+    ``chain.gate(x)`` and ``chain.close(out)`` do the two halves by hand, for work whose
+    first input is better left ungated (gating copies it)."""
+
+    def __init__(self) -> None:
+        self.token: jax.Array | None = None
+
+    def gate(self, x: Any) -> Any:
+        return x if self.token is None else gate(x, self.token)
+
+    def close(self, out: Any) -> Any:
+        self.token = token_of(out)
+        return out
+
+    def __call__(self, fn: Callable[..., Any], first: Any, *rest: Any) -> Any:
+        return self.close(fn(self.gate(first), *rest))
+
+
+def num_slices(shape: tuple[int, ...], budget: int | None = None) -> int:
+    """How many strided slices of the leading axis a leaf of ``shape`` runs in: 1 for a
+    leaf of at most ``budget`` elements (or rank < 2), else the smallest ``k`` dividing
+    ``d // gcd(d, device_count)`` (``d`` the leading axis) whose slices hold at most
+    ``budget`` elements, or the largest such divisor if none does."""
+    budget = SLICE_ELEMENTS if budget is None else budget
+    size = math.prod(shape)
+    if len(shape) < 2 or size <= budget:
+        return 1
+    d = shape[0]
+    free = d // math.gcd(d, jax.device_count())
+    divisors = [k for k in range(1, free + 1) if free % k == 0]
+    fitting = [k for k in divisors if size // k <= budget]
+    return fitting[0] if fitting else divisors[-1]
+
+
+def map_rows(
+    fn: Callable[..., Any],
+    carried: Any,
+    readonly: Any = (),
+    *,
+    budget: int | None = None,
+    shape: tuple[int, ...] | None = None,
+    materialize: bool = False,
+) -> Any:
+    """``fn(carried, readonly, rows)`` over strided slices of the leaves' leading axis.
+
+    Args:
+      fn: the per-slice math: takes the slices of ``carried`` and ``readonly`` (pytrees
+        of arrays sharing the leading axis) and ``rows``, the slice's int32 indices along
+        the leaf's leading axis (``None`` when the leaf runs whole; position-dependent
+        math such as ``quantization.hash_uniform`` noise uses them to give every row the
+        same values whole or sliced), and returns new slices with ``carried``'s
+        structure, shapes and dtypes.
+      carried: arrays updated in place (the gradient, whose slices become the update's,
+        and the state).
+      readonly: arrays read by slice only.
+      budget: slice size in elements (default ``SLICE_ELEMENTS``).
+      shape: the leaf shape slices are counted in (default: the first carried array's).
+      materialize: compute each new slice into a buffer before writing it in place (see
+        the comment in the loop body).
+
+    Returns:
+      ``carried`` after ``fn`` ran on every slice.
+    """
+    leaves, treedef = jax.tree.flatten(carried)
+    ro_leaves, ro_def = jax.tree.flatten(readonly)
+    shape = tuple(leaves[0].shape if shape is None else shape)
+    k = num_slices(shape, budget)
+    if k == 1:
+        return fn(carried, readonly, None)
+    d = shape[0]
+    view = lambda x: x.reshape(d // k, k, *x.shape[1:])
+
+    def body(i, views):
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+        rows = jnp.arange(d // k, dtype=jnp.int32) * k + i  # row j of the view is j*k + i
+        new = fn(
+            treedef.unflatten([take(x) for x in views]),
+            ro_def.unflatten([take(view(x)) for x in ro_leaves]),
+            rows,
+        )
+        # The first carried buffer (the gradient) is read by the math of every output:
+        # its write waits for all the others (else XLA copies the whole buffer in every
+        # iteration to keep the old slice readable). With ``materialize`` every write
+        # waits for every new slice, which makes XLA compute each slice into a buffer of
+        # its own and copy it into place: in-place update fusions run on one thread on
+        # XLA CPU, so heavy math (SOLO's logarithms) is faster outside them, light math
+        # (a table lookup) inside.
+        new_leaves = treedef.flatten_up_to(new)
+        if materialize:
+            done = sum(token_of(n) for n in new_leaves)
+            new_leaves = [gate(n, done) for n in new_leaves]
+        elif len(new_leaves) > 1:
+            done = sum(token_of(n) for n in new_leaves[1:])
+            new_leaves = [gate(new_leaves[0], done), *new_leaves[1:]]
+        return [
+            jax.lax.dynamic_update_index_in_dim(x, n.astype(x.dtype), i, axis=1)
+            for x, n in zip(views, new_leaves, strict=True)
+        ]
+
+    out = jax.lax.fori_loop(0, k, body, [view(x) for x in leaves])
+    return treedef.unflatten([x.reshape(y.shape) for x, y in zip(out, leaves, strict=True)])
