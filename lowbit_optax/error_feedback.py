@@ -50,6 +50,7 @@ import numpy as np
 import optax
 
 from lowbit_optax import quantization as qz
+from lowbit_optax._driver import Chain, map_rows
 from lowbit_optax._util import auto_axes_like_inputs, unflatten_like
 
 __all__ = [
@@ -334,6 +335,31 @@ def quantizer(
 # ------------------------------------------------------------------------------------
 
 
+def _leaf(compressor: Compressor, g, xi, cs, key, dt):
+    """``(c, xi', state')`` of one leaf. A compressor that works block by block along
+    the last axis (``quantizer``) runs in row slices (``map_rows``), the compressed
+    gradient written over the gradient and the error in place; the others see the leaf
+    whole (their selection or factorization spans it)."""
+    ok = jnp.all(jnp.isfinite(g))
+    if isinstance(compressor, QuantizeCompressor) and g.ndim >= 2:
+
+        def rows(carried, _, __):
+            g, xi = carried
+            a = xi.astype(jnp.float32) + g.astype(jnp.float32)
+            c, _ = compressor(a, optax.MaskedNode(), None)
+            err = jnp.where(ok, a - c, xi.astype(jnp.float32))
+            return c.astype(g.dtype), err.astype(dt)
+
+        if compressor.rounding == "nearest":
+            c, err = map_rows(rows, (g, xi))
+            return c, err, cs
+    a = xi.astype(jnp.float32) + g.astype(jnp.float32)
+    c, cs2 = compressor(a, cs, key)
+    err = jnp.where(ok, a - c, xi.astype(jnp.float32)).astype(dt)
+    cs2 = jax.tree.map(lambda n, o: jnp.where(ok, n, o), cs2, cs)
+    return c.astype(g.dtype), err, cs2
+
+
 class ErrorFeedbackState(NamedTuple):
     """State of ``error_feedback``.
 
@@ -407,13 +433,15 @@ def error_feedback(
         cstates = treedef.flatten_up_to(state.compressor_state)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
         out, new_err, new_cs = [], [], []
+        chain = Chain()  # leaves one after another: one leaf's temporaries at a time
         for i, (g, xi, cs) in enumerate(zip(leaves, errors, cstates, strict=True)):
-            a = xi.astype(jnp.float32) + g.astype(jnp.float32)
-            c, cs2 = compressor(a, cs, jax.random.fold_in(step_key, i))
-            ok = jnp.all(jnp.isfinite(g))
-            new_err.append(jnp.where(ok, a - c, xi.astype(jnp.float32)).astype(dt))
-            new_cs.append(jax.tree.map(lambda n, o, ok=ok: jnp.where(ok, n, o), cs2, cs))
-            out.append(c.astype(g.dtype))
+            key = jax.random.fold_in(step_key, i)
+            c, err, cs2 = chain(
+                lambda g, xi, cs, key=key: _leaf(compressor, g, xi, cs, key, dt), g, xi, cs
+            )
+            out.append(c)
+            new_err.append(err)
+            new_cs.append(cs2)
         return treedef.unflatten(out), ErrorFeedbackState(
             optax.safe_increment(state.count),
             state.key,

@@ -449,10 +449,37 @@ def _midpoints(levels: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(float(m) for m in (lv[1:] + lv[:-1]) / np.float32(2.0))
 
 
+@functools.cache
+def _dyadic(levels: tuple[float, ...]) -> tuple[int, float] | None:
+    """``(o, step)`` if the table is ``(i + o) * step`` with an integer ``o >= 0`` and a
+    power-of-two ``step`` (the unsigned zero-free linear maps, ``(k + 1) / 2**bits``),
+    else ``None``."""
+    lv = np.asarray(levels, np.float64)
+    step = lv[1] - lv[0]
+    if lv[0] < 0 or step <= 0 or np.frexp(step)[0] != 0.5:
+        return None
+    o = lv[0] / step
+    if o != round(o) or not np.array_equal(lv, (np.arange(len(lv)) + o) * step):
+        return None
+    return round(o), float(step)
+
+
 def _nearest_table(y: jax.Array, levels: tuple[float, ...]) -> jax.Array:
     """Index of the nearest level: the number of float32 midpoints below ``y`` (a value
-    on a midpoint takes the lower level)."""
-    return _count_below(y, _midpoints(levels), strict=True)
+    on a midpoint takes the lower level).
+
+    A dyadic table (``_dyadic``) takes arithmetic: its midpoints are ``(2 i + 2 o + 1)
+    step / 2``, so with ``Y = y * 2 / step`` (exact, a power of two) the count is
+    ``ceil((Y - 2 o - 1) / 2)`` clipped to the table. ``Y - (2 o + 1)`` is exact wherever
+    the ceiling can change (both are multiples of ``Y``'s ulp and the difference is no
+    larger than ``Y``; for ``Y`` below ``2 o + 1`` the clipped result is 0 either way),
+    so the codes are those of the comparison with the float32 midpoints."""
+    grid = _dyadic(levels)
+    if grid is None:
+        return _count_below(y, _midpoints(levels), strict=True)
+    o, step = grid
+    z = y.astype(jnp.float32) * (2.0 / step) - (2 * o + 1)
+    return jnp.clip(jnp.ceil(z * 0.5), 0, len(levels) - 1).astype(jnp.int32)
 
 
 def _stochastic_table(y: jax.Array, levels: tuple[float, ...], u: jax.Array) -> jax.Array:
@@ -654,6 +681,9 @@ def decode_blocks(
     """Float32 blocks from unpacked codes and keepdims scale (and base)."""
     if codec.is_log:
         return scale * _int_power(base, codes, codec.bits)
+    grid = _dyadic(codec.levels)
+    if grid is not None:  # (code + o) * step: exact, no table
+        return (codes.astype(jnp.float32) + grid[0]) * grid[1] * scale
     return jnp.asarray(codec.levels, jnp.float32)[codes] * scale
 
 

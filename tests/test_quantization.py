@@ -20,6 +20,7 @@ from lowbit_optax.quantization import (
     linear_levels,
     pack,
     quantize,
+    round_to_table,
     unpack,
 )
 
@@ -172,6 +173,76 @@ def test_table_codec_nearest_matches_float64_reference(name, shape):
     assert q.codes.shape == (*shape[:-1], nb * 128 * bits // 8) and q.codes.dtype == jnp.uint8
     assert q.scales.shape == (*shape[:-1], nb)
     assert state_bytes(q) == math.prod(shape[:-1]) * nb * (128 * bits // 8 + 4)
+
+
+ALL_TABLES = {
+    **TABLES,
+    "dt8u": (8, dynamic_tree_levels(8, False)),
+    "de2u": (2, dynamic_exponent_levels(2, False)),
+    "lin8": (8, linear_levels(8, True, zero=True)),
+    "lin2": (2, linear_levels(2, True, zero=False)),  # a midpoint at 0
+    "lin2u0": (2, linear_levels(2, False, zero=False)),
+    "lin3u0": (3, linear_levels(3, False, zero=False)),
+    "lin4u": (4, linear_levels(4, False, zero=True)),
+}
+
+
+def _adversarial(levels: np.ndarray) -> np.ndarray:
+    """Every float32 within 3 ulps of each float32 midpoint, the midpoints, the levels,
+    zeros, denormals, the range's ends and beyond, infinities, and random values."""
+    mids = ((levels[1:] + levels[:-1]) / np.float32(2)).astype(np.float32)
+    near = [mids, levels.astype(np.float32)]
+    for toward in (np.float32(-np.inf), np.float32(np.inf)):
+        x = mids
+        for _ in range(3):
+            x = np.nextafter(x, toward)
+            near.append(x)
+    specials = np.array(
+        [
+            0.0,
+            -0.0,
+            1e-45,
+            -1e-45,
+            1e-40,
+            -1e-40,
+            1.0,
+            -1.0,
+            1.0000001,
+            -1.0000001,
+            2.0,
+            -2.0,
+            3e38,
+            -3e38,
+            np.inf,
+            -np.inf,
+        ],
+        np.float32,
+    )
+    rng = np.random.default_rng(1)
+    random = rng.uniform(-1.1, 1.1, 20000).astype(np.float32)
+    tiny = (rng.standard_normal(5000) * 10.0 ** rng.uniform(-45, 0, 5000)).astype(np.float32)
+    return np.concatenate([*near, specials, random, tiny])
+
+
+@pytest.mark.parametrize("name", list(ALL_TABLES))
+def test_nearest_code_is_the_count_of_float32_midpoints_below(name):
+    """The search-free nearest code (a bit-pattern table, or arithmetic for dyadic
+    tables) equals today's definition, the number of float32 midpoints below y (a binary
+    search, as ``searchsorted(side='left')``), for every adversarial float32 y; and for
+    every finite y it is a nearest level in float64 up to the midpoints' float32
+    rounding."""
+    _, levels = ALL_TABLES[name]
+    levels = np.asarray(levels, np.float32)
+    y = _adversarial(levels)
+    got = np.asarray(round_to_table(jnp.asarray(y), levels))
+    mids = ((levels[1:] + levels[:-1]) / np.float32(2)).astype(np.float32)
+    np.testing.assert_array_equal(got, np.searchsorted(mids, y, side="left"))
+    finite = np.isfinite(y)
+    y64, lv64 = y[finite].astype(np.float64), levels.astype(np.float64)
+    err = np.abs(y64 - lv64[got[finite]])
+    best = np.abs(y64[:, None] - lv64[None, :]).min(-1)
+    slack = np.abs(mids.astype(np.float64) - (lv64[1:] + lv64[:-1]) / 2).max()
+    assert np.all(err <= best + 2 * slack + 1e-12)
 
 
 def test_three_bit_storage_counts_three_bits_per_code():
