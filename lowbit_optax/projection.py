@@ -655,7 +655,10 @@ def low_rank_projection(
             s_new, low_g, moved = jax.lax.cond(
                 event, changed, lambda s32=s32, low_g=low_g, moved=moved: (s32, low_g, moved)
             )
-            new_s[i] = chain.close(s_new)
+            # stored at once (its float32 value would stay alive until the back-projection
+            # otherwise, for every leaf); the back-projection reads the stored S, which
+            # differs from the float32 one only on event steps with a low-precision S
+            new_s[i] = chain.close(s_new.astype(proj_dtype))
             low32[i] = low_g
             if moments != "keep":
                 new_mu[i], new_nu[i] = moved
@@ -677,7 +680,8 @@ def low_rank_projection(
                 back = lambda g, *a, lf=lf: _back_projected(
                     g, lf, *a, scale, recover, recover_limit
                 )
-                out[i], norms[i] = chain(back, leaves[i], out[i], new_s[i], low32[i], norms[i])
+                s32 = new_s[i].astype(jnp.float32)
+                out[i], norms[i] = chain(back, leaves[i], out[i], s32, low32[i], norms[i])
         projectors = treedef.unflatten(
             [
                 s if not lf.projected else s.astype(proj_dtype)

@@ -207,7 +207,7 @@ def scale_by_quantized_adam(
             return map_rows(
                 lambda c, _, rows: _quantized_leaf(*c, key, rows, mu_codec, nu_codec, hp),
                 (g, *moments),
-                materialize=MATERIALIZE(nu_codec),  # SOLO heavier math (see map_rows)
+                materialize=nu_codec.is_log,  # SOLO heavier math (see map_rows)
             )
 
         out = []
@@ -251,9 +251,6 @@ def _float_leaf(g, mu, w, hp: _Hyper):
     w = jnp.where(s > 0, s * jnp.sqrt(b2 * (w / safe) ** 2 + (1 - b2) * (g32 / safe) ** 2), 0.0)
     u = (mu / bc1) / (w / jnp.sqrt(bc2) + eps)
     return u.astype(g.dtype), mu, optax.MaskedNode(), w, optax.MaskedNode(), optax.MaskedNode()
-
-
-MATERIALIZE = lambda c: c.is_log
 
 
 def _quantized_leaf(g, mu_c, mu_s, nu_c, nu_s, nu_b, key, rows, mu_codec, nu_codec, hp: _Hyper):

@@ -765,9 +765,14 @@ def scale_by_slim_adam(
             mu, mu_s, nu, nu_s = (f[i] for f in per_field)
 
             def leaf_fn(extra, g, mu, mu_s, nu, nu_s, plan=plan):
-                return _quantized_leaf(g, mu, mu_s, nu, nu_s, plan, mu_codec, nu_codec, *extra)
+                g_stats, *hp = extra
+                return _quantized_leaf(
+                    g, mu, mu_s, nu, nu_s, plan, mu_codec, nu_codec, *hp, g_stats=g_stats
+                )
 
-            run = lambda *a, leaf_fn=leaf_fn: on_auto_axes(leaf_fn, hyper, *a)
+            # the statistics read the gradient as given; the slices write the update over
+            # its gated copy (one reader of each, so XLA copies neither)
+            run = lambda *a, g=g, leaf_fn=leaf_fn: on_auto_axes(leaf_fn, (g, *hyper), *a)
             out[i] = chain(run, g, mu, mu_s, nu, nu_s)
         new = [treedef.unflatten([o[j] for o in out]) for j in range(5)]
         return new[0], ScaleBySlimAdamState(count, *new[1:])
@@ -794,8 +799,11 @@ def _float_leaves(gs, mus, nus, axes, b1, b2, eps, eps_root, count, mu_dtype):
     ]
 
 
-def _quantized_leaf(g, mu, mu_s, nu, nu_s, plan, mu_codec, nu_codec, b1, b2, eps, eps_root, count):
-    """A leaf with a quantized first and/or reduced second moment, in float32.
+def _quantized_leaf(
+    g, mu, mu_s, nu, nu_s, plan, mu_codec, nu_codec, b1, b2, eps, eps_root, count, g_stats=None
+):
+    """A leaf with a quantized first and/or reduced second moment, in float32
+    (``g_stats``: the same gradient, read for the reduced second moment).
 
     The reduced second moment (``mean_K(g**2)`` and the update's denominator) is small
     and computed whole; the first moment and the update run over row slices of the leaf
@@ -813,7 +821,8 @@ def _quantized_leaf(g, mu, mu_s, nu, nu_s, plan, mu_codec, nu_codec, b1, b2, eps
     elif not full_nu:
         v = nu.astype(jnp.float32)
     if not full_nu or plan.nu_q:
-        v = b2 * v + (1 - b2) * _mean_sq(g.astype(jnp.float32), plan.axes)
+        g_stats = g if g_stats is None else g_stats
+        v = b2 * v + (1 - b2) * _mean_sq(g_stats.astype(jnp.float32), plan.axes)
         den = jnp.sqrt(v / bc2 + eps_root) + eps
         if plan.nu_q:
             qv = qz.quantize(v.reshape(_squeezed(rshape)), nu_codec)

@@ -71,3 +71,17 @@ def test_projection_example_runs(capsys):
     # each; counts (3 x int32) and the key (2 x uint32)
     want = 256 * 64 * 4 + 2 * (512 * 64 + 512 * 4) + 3 * 4 + 2 * 4
     assert out[1] == f"{want / (512 * 256):.3f} B/param"
+
+
+def test_step_memory_example_runs(capsys):
+    (code,) = [b for b in _blocks("python") if "step_memory" in b]
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    # optax.adamw's donated update needs exactly params + grads + mu + nu
+    assert out[0] == "{'state': 8.0, 'update_peak': 16.0, 'update_temp': 0.0}"
+    # what the comment in the README says the 8-bit update needs
+    comments = [ln.lstrip("# ") for ln in code.splitlines() if ln.startswith("# {")]
+    assert out == comments
+    # and within issue 16's limit: params + grads + state + 1 byte/param
+    got = eval(out[1])  # a dict literal printed by the example
+    assert got["update_peak"] <= 4 + 4 + got["state"] + 1.0
