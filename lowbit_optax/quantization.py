@@ -30,6 +30,14 @@ Scales are clamped below at the smallest normal float32 (not bitsandbytes' 1e-12
 would inflate the decoded magnitude of states below 1e-12, e.g. second moments of
 gradients below 1e-6); an all-zero block decodes to zeros (table codecs) or to
 ``D * a**k`` with ``D`` the clamp (log codec: no exact zero exists).
+
+Nothing searches. The nearest code of a table is the number of its float32 midpoints
+below the value, read from a table indexed by the top bits of the value's float32 bit
+pattern plus one integer comparison (see ``_count_below``; arithmetic for the dyadic
+zero-free linear tables): exactly what a binary search over the midpoints gives, for
+every float32. SOLO's sampled block quantile is a selection (``_kth_smallest``), its
+levels are decoded by repeated squaring, and stochastic rounding draws its noise from a
+positional hash of the key (``hash_uniform``).
 """
 
 from __future__ import annotations
@@ -51,9 +59,6 @@ __all__ = [
     "dynamic_tree_levels",
     "decode_blocks",
     "encode_blocks",
-    "block_max",
-    "block_scales",
-    "encode_with",
     "from_blocks",
     "hash_uniform",
     "linear_levels",
@@ -374,11 +379,6 @@ def to_blocks(x: jax.Array, block: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], (n + pad) // block, block)
 
 
-def block_max(x: jax.Array) -> jax.Array:
-    """``jnp.max(x, axis=-1, keepdims=True)``: the per-block maximum."""
-    return jnp.max(x, axis=-1, keepdims=True)
-
-
 def from_blocks(xb: jax.Array, n: int) -> jax.Array:
     """Inverse of ``to_blocks`` for a last axis of length ``n``."""
     return xb.reshape(*xb.shape[:-2], -1)[..., :n]
@@ -562,9 +562,9 @@ def hash_uniform(
     long). 24 random bits per value; tested for uniformity and for correlation along
     both axes and across keys.
 
-    **Decision:** stochastic rounding needs one uniform per stored value per step;
-    ``jax.random.uniform`` (threefry) took 190 ms for 16.7M values on a 2-core CPU, ten
-    times ``optax.adamw``'s whole update of them, against 5 ms for this hash. Each value
+    **Decision:** stochastic rounding needs one uniform per stored value per step, and
+    ``jax.random.uniform`` (threefry, a loop of rounds per pair of values) cost several
+    times ``optax.adamw``'s whole update of the same values on XLA CPU. Each value
     is a function of the key and its position only (its index along the first axis,
     ``rows[i]`` when ``rows`` gives the indices of a slice of a larger array, and its
     flat index over the other axes), so a slice, a shard or the whole array give the
@@ -581,7 +581,7 @@ def hash_uniform(
         squeeze = False
     row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
     if rows is not None:
-        row = rows.astype(jnp.uint32).reshape(-1, *([1] * (len(shape) - 1))) + 0 * row
+        row = jnp.broadcast_to(rows.astype(jnp.uint32).reshape(-1, *[1] * (len(shape) - 1)), shape)
     col = jnp.zeros(shape, jnp.uint32)
     stride = 1
     for axis in range(len(shape) - 1, 0, -1):
@@ -619,38 +619,28 @@ def _int_power(base: jax.Array, k: jax.Array, bits: int) -> jax.Array:
     return out
 
 
-def block_scales(xb: jax.Array, codec: Codec) -> tuple[jax.Array, jax.Array | None]:
-    """The per-block scale (and log base) ``encode_blocks`` uses for float32 blocks
-    ``(..., nb, B)``: keepdims ``(..., nb, 1)``, float32 values already rounded to
-    ``codec.scale_dtype`` (so ``decode_blocks`` inverts exactly what was used)."""
+def encode_blocks(
+    xb: jax.Array, codec: Codec, u: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Codes (unpacked uint8), scale and base of float32 blocks ``(..., nb, B)``.
+
+    The scale (and base) come back keepdims ``(..., nb, 1)`` as float32 values already
+    rounded to ``codec.scale_dtype``, so ``decode_blocks`` inverts exactly what was used.
+    ``u`` is U[0, 1) noise of ``xb``'s shape for stochastic rounding.
+    """
     sdt = jnp.dtype(codec.scale_dtype)
     as_stored = lambda a: a.astype(sdt).astype(jnp.float32)
     if codec.is_log:
         top = 2**codec.bits - 1
         xpos = jnp.maximum(xb, 0.0)
-        d = as_stored(jnp.maximum(block_max(xpos), _TINY))
+        d = as_stored(jnp.maximum(jnp.max(xpos, axis=-1, keepdims=True), _TINY))
         xq = _block_quantile(xpos, codec.quantile, codec.quantile_sample)
         ratio = jnp.clip(xq / d, _TINY, 1.0)
-        return d, as_stored(ratio ** (1.0 / top))
-    return as_stored(jnp.maximum(block_max(jnp.abs(xb)), _TINY)), None
-
-
-def encode_with(
-    xb: jax.Array,
-    codec: Codec,
-    scale: jax.Array,
-    base: jax.Array | None,
-    u: jax.Array | None = None,
-) -> jax.Array:
-    """Codes (unpacked uint8) of float32 blocks ``(..., nb, B)`` given their
-    ``block_scales``; elementwise. ``u``: U[0, 1) noise for stochastic rounding."""
-    if codec.is_log:
-        top = 2**codec.bits - 1
-        xpos = jnp.maximum(xb, 0.0)
+        base = as_stored(ratio ** (1.0 / top))
         log_a = jnp.log(base)
         # Exponent of x in base a; a == 1 (a constant block) maps every value to level 0.
         safe_log_a = jnp.where(log_a < 0, log_a, -1.0)
-        e = jnp.where(log_a < 0, jnp.log(xpos / scale) / safe_log_a, 0.0)
+        e = jnp.where(log_a < 0, jnp.log(xpos / d) / safe_log_a, 0.0)
         e = jnp.nan_to_num(e, nan=float(top), posinf=float(top), neginf=0.0)
         if codec.rounding == "nearest":
             k = jnp.round(e)
@@ -660,21 +650,12 @@ def encode_with(
             k0 = jnp.clip(jnp.floor(e), 0, top - 1)
             upper = _int_power(base, k0, codec.bits)  # level k0 lies above level k0 + 1
             lower = upper * base
-            p_lower = jnp.clip((upper - xpos / scale) / (upper - lower), 0.0, 1.0)
+            p_lower = jnp.clip((upper - xpos / d) / (upper - lower), 0.0, 1.0)
             k = k0 + (u < p_lower)
-        return jnp.clip(k, 0, top).astype(jnp.uint8)
+        return jnp.clip(k, 0, top).astype(jnp.uint8), d, base
+    scale = as_stored(jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), _TINY))
     y = xb / scale
-    return round_to_table(y, codec.levels, codec.rounding, u).astype(jnp.uint8)
-
-
-def encode_blocks(
-    xb: jax.Array, codec: Codec, u: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Codes (unpacked uint8), scale and base of float32 blocks ``(..., nb, B)``:
-    ``block_scales`` then ``encode_with``. ``u`` is U[0, 1) noise of ``xb``'s shape for
-    stochastic rounding."""
-    scale, base = block_scales(xb, codec)
-    return encode_with(xb, codec, scale, base, u), scale, base
+    return round_to_table(y, codec.levels, codec.rounding, u).astype(jnp.uint8), scale, None
 
 
 def decode_blocks(

@@ -277,7 +277,7 @@ def _quantized_leaf(g, mu_c, mu_s, nu_c, nu_s, nu_b, key, rows, mu_codec, nu_cod
     s_old = nu_s.astype(jnp.float32)[..., None]
     base = None if isinstance(nu_b, optax.MaskedNode) else nu_b.astype(jnp.float32)[..., None]
     y_old = qz.decode_blocks(unpacked(nu_c, nu_codec.bits), 1.0, base, nu_codec)
-    r = jnp.maximum(jnp.maximum(s_old, qz.block_max(jnp.abs(gb))), _TINY)
+    r = jnp.maximum(jnp.maximum(s_old, jnp.max(jnp.abs(gb), axis=-1, keepdims=True)), _TINY)
     vr = b2 * y_old * (s_old / r) ** 2 + (1 - b2) * (gb / r) ** 2
 
     u = (m / bc1) / (jnp.sqrt(vr) * r / jnp.sqrt(bc2) + eps)
