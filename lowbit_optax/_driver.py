@@ -20,10 +20,13 @@ things bound the memory of an update this way, both read off XLA's buffer assign
 * **Leaves in sequence.** XLA CPU's default scheduler runs independent work concurrently;
   with no order between leaves, the temporaries of every leaf are alive at once (we
   measured the sum over all leaves in ``memory_analysis``). ``Chain`` threads a *token*
-  through the leaves: a float32 zero computed from one leaf's result that multiplies the
-  next leaf's gradient by ``1 + token`` (an exact identity, also for NaN, inf and -0.0).
-  The next leaf's work cannot start before the previous one is done, so one leaf's
-  temporaries are alive at a time.
+  through the leaves: a float32 zero computed from one leaf's result and added, as an
+  integer, to the bits of the next leaf's first input (an exact identity for every
+  value, denormals included). The next leaf's work cannot start before the previous one
+  is done, so one leaf's temporaries are alive at a time, plus the update of the leaf
+  before it where its consumer outside the transform (``optax.apply_updates``) has not
+  run yet (XLA's scheduler may defer it; we see two leaves' updates in update-alone
+  programs).
 
 Leaves whose math is elementwise (float32 Adam-like moments) need neither: XLA fuses them
 into ``optax.apply_updates`` with no temporary, in place, as it does ``optax.adamw``.
