@@ -1,51 +1,161 @@
-"""Train the byte-level transformer LM on CPython's pydoc text with any registered optimizer.
+"""Train a byte-level transformer LM on CPython's pydoc text with a lowbit_optax optimizer.
 
-Flax NNX model and ``nnx.Optimizer``, an ``nnx.jit`` train step with donated buffers,
-periodic held-out eval loss, the optimizer state's memory report at start, and
-orbax-checkpoint checkpoints that resume exactly: the batch for step ``s`` is drawn from
-``numpy.random.default_rng((seed, s))``, so the data stream depends only on (seed, step)
-and a resumed run sees the same batches, and ends with bit-identical parameters, as an
-uninterrupted one.
+Self-contained: it imports only lowbit_optax, optax, flax, orbax, numpy, tqdm and the
+standard library, so it can be copied into a project as it is. A Flax NNX model and
+``nnx.Optimizer``, an ``nnx.jit`` train step with donated buffers, periodic held-out eval
+loss, the optimizer state's memory report at start, and orbax-checkpoint checkpoints that
+resume exactly: the batch for step ``s`` is drawn from ``numpy.random.default_rng((seed,
+s))``, so the data stream depends only on (seed, step) and a resumed run sees the same
+batches, and ends with bit-identical parameters, as an uninterrupted one.
 
 Usage::
 
-    python examples/train_lm.py --optimizer adamw --steps 200 --lr 1e-3 --batch-size 8 \\
-        --ckpt-dir /tmp/lm --ckpt-every 50 --eval-every 50
+    python examples/train_lm.py --optimizer adamw_8bit --steps 200 --lr 1e-3 \\
+        --batch-size 8 --ckpt-dir /tmp/lm --ckpt-every 50 --eval-every 50
     # interrupted? continue from the latest checkpoint up to --steps:
-    python examples/train_lm.py --optimizer adamw --steps 200 --lr 1e-3 --batch-size 8 \\
-        --ckpt-dir /tmp/lm --ckpt-every 50 --eval-every 50 --resume
+    python examples/train_lm.py --optimizer adamw_8bit --steps 200 --lr 1e-3 \\
+        --batch-size 8 --ckpt-dir /tmp/lm --ckpt-every 50 --eval-every 50 --resume
 
-Model size: ``--depth --width --heads --seq-len`` (defaults: ``LMConfig``'s).
-``--optimizer`` takes any name in ``lowbit_optax.bench.registry.names()``.
+Model size: ``--depth --width --heads --seq-len``. ``--optimizer``: a name of
+``OPTIMIZERS``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from lowbit_optax import memory_report
-from lowbit_optax.bench import registry
-from lowbit_optax.bench.data import lm_eval_batches, pydoc_text
-from lowbit_optax.bench.models import LMConfig, TransformerLM, lm_loss
+import lowbit_optax as lo
+
+WEIGHT_DECAY = 1e-4
+_MATRICES = lambda params: jax.tree.map(lambda p: p.ndim == 2, params)
+
+# name -> (learning_rate -> optax.GradientTransformation)
+OPTIMIZERS = {
+    "adamw": lambda lr: optax.adamw(lr, weight_decay=WEIGHT_DECAY),
+    "adamw_8bit": lambda lr: lo.adamw_8bit(lr, weight_decay=WEIGHT_DECAY),
+    "adamw_4bit": lambda lr: lo.adamw_4bit(lr, weight_decay=WEIGHT_DECAY),
+    "solo_adamw": lambda lr: lo.solo_adamw(lr, weight_decay=WEIGHT_DECAY),
+    "slim_adamw": lambda lr: lo.slim_adamw(
+        lr, weight_decay=WEIGHT_DECAY, rules=lo.flax_default_rules, mu_bits=4
+    ),
+    "galore_adamw": lambda lr: lo.galore_adamw(
+        lr, weight_decay=WEIGHT_DECAY, projection_mask=_MATRICES
+    ),
+    "coap_adamw_8bit": lambda lr: lo.coap_adamw_8bit(
+        lr, weight_decay=WEIGHT_DECAY, projection_mask=_MATRICES
+    ),
+    "subtrack_adamw": lambda lr: lo.subtrack_adamw(
+        lr, weight_decay=WEIGHT_DECAY, projection_mask=_MATRICES
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------
+# Data: CPython's own pydoc text, as bytes (nothing is downloaded)
+# ------------------------------------------------------------------------------------
+
+
+def pydoc_bytes(eval_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) uint8 streams of ``pydoc_data.topics``; the last 10% held out."""
+    from pydoc_data import topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    split = int(len(data) * (1.0 - eval_fraction))
+    return data[:split].copy(), data[split:].copy()
+
+
+def eval_batches_of(data: np.ndarray, batch_size: int, seq_len: int, max_batches: int):
+    """Deterministic non-overlapping (inputs, targets) windows of the held-out text."""
+    n = min((len(data) - 1) // seq_len, batch_size * max_batches)
+    starts = np.arange(n) * seq_len
+    out = []
+    for i in range(0, n - batch_size + 1, batch_size):
+        window = data[starts[i : i + batch_size, None] + np.arange(seq_len + 1)]
+        out.append((window[:, :-1].astype(np.int32), window[:, 1:].astype(np.int32)))
+    return out
+
+
+# ------------------------------------------------------------------------------------
+# Model: a pre-LayerNorm decoder with 2-D (in, out) kernels, as Flax lays them out
+# ------------------------------------------------------------------------------------
+
+
+class Config(NamedTuple):
+    vocab_size: int = 256
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    seq_len: int = 128
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        w, init = cfg.width, nnx.initializers.normal(stddev=cfg.width**-0.5)
+        self.heads = cfg.heads
+        self.norm1, self.norm2 = nnx.LayerNorm(w, rngs=rngs), nnx.LayerNorm(w, rngs=rngs)
+        linear = lambda: nnx.Linear(w, w, use_bias=False, kernel_init=init, rngs=rngs)
+        self.q, self.k, self.v, self.o = linear(), linear(), linear(), linear()
+        self.up, self.down = nnx.Linear(w, 4 * w, rngs=rngs), nnx.Linear(4 * w, w, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        h = self.norm1(x)
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+        y = jax.nn.dot_product_attention(
+            split(self.q(h)), split(self.k(h)), split(self.v(h)), is_causal=True
+        )
+        x = x + self.o(y.reshape(b, t, d))
+        return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+
+
+class TransformerLM(nnx.Module):
+    """Decoder-only byte-level transformer (learned positions, untied output layer)."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        if cfg.width % cfg.heads:
+            raise ValueError(f"width {cfg.width} must be divisible by heads {cfg.heads}")
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.width, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.width)))
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.norm_f = nnx.LayerNorm(cfg.width, rngs=rngs)
+        self.lm_head = nnx.Linear(cfg.width, cfg.vocab_size, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = self.embed(tokens) + self.pos[...][: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm_f(x))
+
+
+def lm_loss(model: TransformerLM, tokens: jax.Array, targets: jax.Array) -> jax.Array:
+    logits = model(tokens).astype(jnp.float32)
+    return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1))
+
+
+# ------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------
+
 
 # Arguments that must match the checkpoint on --resume (they change the run's trajectory).
 _RUN_KEYS = ("optimizer", "lr", "batch_size", "seed", "depth", "width", "heads", "seq_len")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    d = LMConfig()
+    d = Config()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--optimizer", default="adamw", choices=registry.names())
+    p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     p.add_argument("--steps", type=int, default=200, help="total steps (resume continues to it)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
@@ -140,8 +250,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def train(args: argparse.Namespace, mngr: ocp.CheckpointManager | None) -> dict[str, Any]:
     """Builds or restores the model and optimizer, trains to ``args.steps``, checkpoints."""
     run = {k: getattr(args, k) for k in _RUN_KEYS}
-    cfg = LMConfig(depth=args.depth, width=args.width, heads=args.heads, seq_len=args.seq_len)
-    tx = registry.get(args.optimizer).make(args.lr)
+    cfg = Config(depth=args.depth, width=args.width, heads=args.heads, seq_len=args.seq_len)
+    tx = OPTIMIZERS[args.optimizer](args.lr)
 
     def build() -> tuple[TransformerLM, nnx.Optimizer]:
         model = TransformerLM(cfg, rngs=nnx.Rngs(args.seed))
@@ -178,13 +288,13 @@ def train(args: argparse.Namespace, mngr: ocp.CheckpointManager | None) -> dict[
             print(f"--resume: no checkpoint in {args.ckpt_dir}, starting from step 0")
         model, optimizer = build()
 
-    report = memory_report(
+    report = lo.memory_report(
         nnx.as_pure(optimizer.opt_state), nnx.as_pure(nnx.state(model, nnx.Param))
     )
     print(f"optimizer {args.optimizer}: state memory\n{report.table(max_rows=6)}")
 
-    text = pydoc_text()
-    eval_batches = lm_eval_batches(text.eval, args.batch_size, args.seq_len, args.eval_batches)
+    train_data, eval_data = pydoc_bytes()
+    eval_batches = eval_batches_of(eval_data, args.batch_size, args.seq_len, args.eval_batches)
     eval_losses: dict[int, float] = {}
     if start == 0:
         eval_losses[0] = evaluate(model, eval_batches)
@@ -199,7 +309,7 @@ def train(args: argparse.Namespace, mngr: ocp.CheckpointManager | None) -> dict[
     train_losses: list[jax.Array] = []
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
-        x, y = batch_at(text.train, step, args.seed, args.batch_size, args.seq_len)
+        x, y = batch_at(train_data, step, args.seed, args.batch_size, args.seq_len)
         train_losses.append(train_step(model, optimizer, x, y))
         done = step + 1
         if done % 10 == 0 or done == args.steps:
@@ -225,7 +335,7 @@ def train(args: argparse.Namespace, mngr: ocp.CheckpointManager | None) -> dict[
         "bytes_per_param": report.bytes_per_param,
         "params_checksum": float(sum(np.abs(v).astype(np.float64).sum() for v in params.values())),
         "params": params,
-        "model_config": dataclasses.asdict(cfg),
+        "model_config": cfg._asdict(),
     }
 
 

@@ -1,5 +1,19 @@
 """lowbit_optax: memory-efficient optimizer state as composable optax transforms."""
 
+from lowbit_optax.aliases import (
+    adamw_4bit,
+    adamw_8bit,
+    coap_adamw,
+    coap_adamw_8bit,
+    galore_adamw,
+    ggt,
+    mfac,
+    slim_adamw,
+    solo_adamw,
+    sparse_ggt,
+    sparse_mfac,
+    subtrack_adamw,
+)
 from lowbit_optax.error_feedback import (
     Compressor,
     ErrorFeedbackState,
@@ -21,22 +35,15 @@ from lowbit_optax.memory import (
 )
 from lowbit_optax.preconditioners import (
     ScaleByWindowState,
-    ggt,
-    mfac,
     scale_by_ggt,
     scale_by_mfac,
-    sparse_ggt,
-    sparse_mfac,
 )
 from lowbit_optax.projection import (
     COAPProjector,
     LowRankProjectionState,
     SubTrackProjector,
     SVDProjector,
-    coap_adamw,
-    galore_adamw,
     low_rank_projection,
-    subtrack_adamw,
 )
 from lowbit_optax.quantization import (
     Codec,
@@ -49,29 +56,28 @@ from lowbit_optax.quantization import (
 )
 from lowbit_optax.quantized import (
     ScaleByQuantizedAdamState,
-    adamw_4bit,
-    adamw_8bit,
     scale_by_quantized_adam,
-    solo_adamw,
 )
-from lowbit_optax.recipes import coap_adamw_8bit
-from lowbit_optax.snr import (
-    ScaleBySlimAdamState,
-    SNRCalibrationState,
-    candidate_axes,
+from lowbit_optax.slim.rules import (
     flax_default_rules,
     removed_fraction,
     resolve_rules,
     rules_from_json,
     rules_from_snr,
     rules_to_json,
-    scale_by_slim_adam,
-    slim_adamw,
-    slim_state_from_adam,
+)
+from lowbit_optax.slim.stats import (
+    SNRCalibrationState,
+    candidate_axes,
     snr,
     snr_calibration,
     snr_records,
     snr_table,
+)
+from lowbit_optax.slim.transform import (
+    ScaleBySlimAdamState,
+    scale_by_slim_adam,
+    slim_state_from_adam,
 )
 
 __version__ = "0.1.0.dev0"

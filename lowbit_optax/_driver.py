@@ -30,6 +30,33 @@ things bound the memory of an update this way, both read off XLA's buffer assign
 
 Leaves whose math is elementwise (float32 Adam-like moments) need neither: XLA fuses them
 into ``optax.apply_updates`` with no temporary, in place, as it does ``optax.adamw``.
+
+**The per-leaf pattern.** A transform's state is a NamedTuple whose per-parameter fields
+are trees shaped like the params (as optax's own states). The transform defines a
+NamedTuple of those fields for *one* leaf and writes two functions for one leaf: ``init``
+returns that NamedTuple, ``update`` returns the leaf's update and its new NamedTuple.
+``init_leaves`` and ``update_leaves`` lift them to trees, once, by field name:
+
+    class _Leaf(NamedTuple):     # the per-parameter fields of the transform's state
+      mu: jax.Array
+      scales: jax.Array | optax.MaskedNode
+
+    def init_fn(params):
+      return State(count=zeros, **init_leaves(_init_leaf, params, _Leaf)._asdict())
+
+    def update_fn(updates, state, params=None):
+      updates, fields = update_leaves(_update_leaf, updates, state, _Leaf)
+      return updates, State(count=..., **fields._asdict())
+
+``_update_leaf(i, g, leaf, chain)`` gets the leaf's index in flatten order (for keys),
+its gradient, its ``_Leaf`` and the update's ``Chain`` (``chain.run`` sequences heavy
+work after the previous leaf's). Flax NNX ``Variable`` nodes (``nnx.Optimizer`` passes
+them to ``init``) are handled in ``init_leaves`` only (``unflatten_like``).
+
+**The empty slot.** A field a leaf does not use (a float leaf's block scales, an
+unprojected leaf's projector) holds ``EMPTY``, ``optax.MaskedNode()``: a pytree node
+without leaves, so tree maps, checkpoints and sharding rules skip it. It is the only
+empty marker in the library's states and per-leaf code (test with ``is_empty``).
 """
 
 from __future__ import annotations
@@ -40,6 +67,54 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from lowbit_optax._util import on_auto_axes, unflatten_like
+
+EMPTY = optax.MaskedNode()
+
+
+def is_empty(x: Any) -> bool:
+    """Whether a state slot is the empty marker ``EMPTY``."""
+    return isinstance(x, optax.MaskedNode)
+
+
+def init_leaves(init: Callable[..., Any], params: Any, leaf_type: type, *per_leaf: Any) -> Any:
+    """``init(p, *args)`` (a ``leaf_type`` NamedTuple) for every param leaf ``p``, as one
+    ``leaf_type`` whose fields are trees shaped like ``params`` (NNX ``Variable``
+    nodes keep their metadata, adapted to each field's shape: ``unflatten_like``).
+    ``per_leaf``: lists with one entry per leaf (flatten order), passed as ``args``."""
+    leaves = jax.tree.leaves(params)
+    states = [init(p, *args) for p, *args in zip(leaves, *per_leaf, strict=True)]
+    return leaf_type(
+        *(unflatten_like(params, [s[j] for s in states]) for j in range(len(leaf_type._fields)))
+    )
+
+
+def update_leaves(
+    update: Callable[[int, jax.Array, Any, Chain], tuple[jax.Array, Any]],
+    updates: Any,
+    state: Any,
+    leaf_type: type,
+) -> tuple[Any, Any]:
+    """Runs ``update(i, g, leaf, chain)`` on every leaf, in flatten order, with one
+    ``Chain`` for the whole tree; ``leaf`` is the ``leaf_type`` NamedTuple of the
+    leaf's entries in ``state``'s fields of the same names. Returns the updates tree
+    and a ``leaf_type`` of new field trees."""
+    leaves, treedef = jax.tree.flatten(updates)
+    fields = [treedef.flatten_up_to(getattr(state, f)) for f in leaf_type._fields]
+    chain = Chain()
+    out = [update(i, g, leaf_type(*(f[i] for f in fields)), chain) for i, g in enumerate(leaves)]
+    new_fields = fields_of(treedef, leaf_type, [o[1] for o in out])
+    return treedef.unflatten([o[0] for o in out]), new_fields
+
+
+def fields_of(treedef: Any, leaf_type: type, per_leaf: list[Any]) -> Any:
+    """``per_leaf`` (one ``leaf_type`` per leaf of ``treedef``) as one ``leaf_type`` of
+    trees."""
+    n = len(leaf_type._fields)
+    return leaf_type(*(treedef.unflatten([s[j] for s in per_leaf]) for j in range(n)))
+
 
 # The largest leaf (elements) that runs as a whole; larger ones run in row slices of
 # about this size. 2**18 float32 values are 1 MiB per temporary.
@@ -95,6 +170,12 @@ class Chain:
 
     def __call__(self, fn: Callable[..., Any], first: Any, *rest: Any) -> Any:
         return self.close(fn(self.gate(first), *rest))
+
+    def run(self, fn: Callable[..., Any], extra: Any, first: Any, *rest: Any) -> Any:
+        """``fn(extra, first, *rest)`` in sequence (``first`` gated), on a mesh with
+        Explicit axes with those made Auto (``on_auto_axes``: outputs laid out like
+        ``(first, *rest)``)."""
+        return self(lambda *a: on_auto_axes(fn, extra, *a), first, *rest)
 
 
 def num_slices(shape: tuple[int, ...], budget: int | None = None) -> int:

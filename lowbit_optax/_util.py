@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,6 +29,12 @@ def path_str(keypath: tuple[Any, ...]) -> str:
     if names and names[-1] == "value" and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
         names.pop()
     return "/".join(names)
+
+
+def leaves_with_paths(tree: Any, is_leaf: Any = None) -> list[tuple[str, Any]]:
+    """``(path_str(path), leaf)`` for every leaf of ``tree``, in flatten order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(path_str(p), x) for p, x in flat]
 
 
 def on_auto_axes(fn, extra, *arrays):
@@ -115,10 +123,16 @@ def auto_axes_like_inputs(fn, *args):
     return jax.sharding.auto_axes(fn, out_sharding=specs)(*args)
 
 
-def adamw_chain(scale_by, learning_rate, weight_decay, mask):
-    """``optax.adamw``'s chain around another preconditioner: the named optimizers' body."""
-    return optax.chain(
-        scale_by,
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+def forwarding_signature(fn: Callable[..., Any], target: Callable[..., Any], drop=()) -> Any:
+    """The signature of ``fn``, a function that forwards its ``**kwargs`` to ``target``,
+    with ``target``'s keyword-only parameters in place of ``**kwargs`` (minus ``fn``'s
+    own and ``drop``): what ``help``, the docs and ``optax.inject_hyperparams`` (which
+    binds arguments by signature) then see. Assign it to ``fn.__signature__``."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+    names = {p.name for p in own} | set(drop)
+    extra = [
+        p
+        for p in inspect.signature(target).parameters.values()
+        if p.kind == p.KEYWORD_ONLY and p.name not in names
+    ]
+    return inspect.signature(fn).replace(parameters=own + extra)

@@ -50,8 +50,8 @@ import numpy as np
 import optax
 
 from lowbit_optax import quantization as qz
-from lowbit_optax._driver import Chain, map_rows
-from lowbit_optax._util import auto_axes_like_inputs, unflatten_like
+from lowbit_optax._driver import EMPTY, init_leaves, map_rows, update_leaves
+from lowbit_optax._util import auto_axes_like_inputs
 
 __all__ = [
     "Compressor",
@@ -100,7 +100,7 @@ def _check_density(density: Any) -> None:
 class Compressor:
     """Interface of a compressor value (frozen dataclass, hashable).
 
-    ``init(shape)`` is the per-array state (``optax.MaskedNode()`` when there is none);
+    ``init(shape)`` is the per-array state (``EMPTY`` when there is none);
     ``compress(x, state, key)`` returns ``(payload, state)``, the payload's shapes a
     function of ``x.shape`` only; ``decompress(payload, shape)`` the dense float32 array.
     ``sparse`` compressors return ``Sparse`` payloads, which windows of compressed
@@ -111,7 +111,7 @@ class Compressor:
 
     def init(self, shape: tuple[int, ...]) -> Any:
         del shape
-        return optax.MaskedNode()
+        return EMPTY
 
     def compress(self, x, state, key):  # pragma: no cover - interface
         raise NotImplementedError
@@ -121,7 +121,7 @@ class Compressor:
 
     def __call__(self, x: jax.Array, state: Any = None, key: jax.Array | None = None):
         """``decompress(compress(x))`` and the new state: the compressed array, dense."""
-        state = optax.MaskedNode() if state is None else state
+        state = EMPTY if state is None else state
         payload, state = self.compress(x, state, key)
         return self.decompress(payload, tuple(x.shape)).astype(jnp.float32), state
 
@@ -233,7 +233,7 @@ class LowRankCompressor(Compressor):
     def init(self, shape):
         mn = self._compressed(tuple(shape))
         if mn is None:
-            return optax.MaskedNode()
+            return EMPTY
         # a fixed Gaussian start (PowerSGD); later steps reuse the last Q
         q = jax.random.normal(jax.random.key(self.seed), (mn[1], self.rank), jnp.float32)
         return q
@@ -346,7 +346,7 @@ def _leaf(compressor: Compressor, g, xi, cs, key, dt):
         def rows(carried, _, __):
             g, xi = carried
             a = xi.astype(jnp.float32) + g.astype(jnp.float32)
-            c, _ = compressor(a, optax.MaskedNode(), None)
+            c, _ = compressor(a, EMPTY, None)
             err = jnp.where(ok, a - c, xi.astype(jnp.float32))
             return c.astype(g.dtype), err.astype(dt)
 
@@ -360,6 +360,13 @@ def _leaf(compressor: Compressor, g, xi, cs, key, dt):
     return c.astype(g.dtype), err, cs2
 
 
+class _Leaf(NamedTuple):
+    """One leaf's entries of the state's per-parameter fields."""
+
+    error: jax.Array
+    compressor_state: Any
+
+
 class ErrorFeedbackState(NamedTuple):
     """State of ``error_feedback``.
 
@@ -369,7 +376,7 @@ class ErrorFeedbackState(NamedTuple):
         step and the leaf index.
       error: the accumulator ``xi``, a tree like the params in ``accumulator_dtype``.
       compressor_state: per leaf the compressor's state (PowerSGD's ``Q``;
-        ``optax.MaskedNode()`` where there is none).
+        ``EMPTY`` where there is none).
     """
 
     count: jax.Array
@@ -412,15 +419,14 @@ def error_feedback(
             f"accumulator_dtype must be float32 or bfloat16, got {accumulator_dtype!r}"
         )
 
+    def init_leaf(p) -> _Leaf:
+        return _Leaf(jnp.zeros(p.shape, dt), compressor.init(tuple(p.shape)))
+
     def init_fn(params: optax.Params) -> ErrorFeedbackState:
-        leaves = jax.tree.leaves(params)
         return ErrorFeedbackState(
-            count=jnp.zeros([], jnp.int32),
-            key=jax.random.key_data(jax.random.key(key)).astype(jnp.uint32),
-            error=jax.tree.map(lambda p: jnp.zeros(p.shape, dt), params),
-            compressor_state=unflatten_like(
-                params, [compressor.init(tuple(p.shape)) for p in leaves]
-            ),
+            jnp.zeros([], jnp.int32),
+            jax.random.key_data(jax.random.key(key)).astype(jnp.uint32),
+            *init_leaves(init_leaf, params, _Leaf),
         )
 
     def update_fn(updates, state, params=None):
@@ -428,25 +434,15 @@ def error_feedback(
         return auto_axes_like_inputs(body, updates, state)
 
     def body(updates, state):
-        leaves, treedef = jax.tree.flatten(updates)
-        errors = treedef.flatten_up_to(state.error)
-        cstates = treedef.flatten_up_to(state.compressor_state)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
-        out, new_err, new_cs = [], [], []
-        chain = Chain()  # leaves one after another: one leaf's temporaries at a time
-        for i, (g, xi, cs) in enumerate(zip(leaves, errors, cstates, strict=True)):
+
+        def update_leaf(i, g, leaf: _Leaf, chain):
+            # leaves one after another: one leaf's temporaries at a time
             key = jax.random.fold_in(step_key, i)
-            c, err, cs2 = chain(
-                lambda g, xi, cs, key=key: _leaf(compressor, g, xi, cs, key, dt), g, xi, cs
-            )
-            out.append(c)
-            new_err.append(err)
-            new_cs.append(cs2)
-        return treedef.unflatten(out), ErrorFeedbackState(
-            optax.safe_increment(state.count),
-            state.key,
-            treedef.unflatten(new_err),
-            treedef.unflatten(new_cs),
-        )
+            c, err, cs = chain(lambda *a: _leaf(compressor, *a, key, dt), g, *leaf)
+            return c, _Leaf(err, cs)
+
+        updates, fields = update_leaves(update_leaf, updates, state, _Leaf)
+        return updates, ErrorFeedbackState(optax.safe_increment(state.count), state.key, *fields)
 
     return optax.GradientTransformation(init_fn, update_fn)

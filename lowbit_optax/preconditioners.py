@@ -49,20 +49,11 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import optax
 
-from lowbit_optax._util import adamw_chain, auto_axes_like_inputs
-from lowbit_optax.error_feedback import Compressor, top_k
+from lowbit_optax._driver import EMPTY
+from lowbit_optax._util import auto_axes_like_inputs
+from lowbit_optax.error_feedback import Compressor
 
-__all__ = [
-    "ScaleByWindowState",
-    "ggt",
-    "ggt_apply",
-    "mfac",
-    "mfac_apply",
-    "scale_by_ggt",
-    "scale_by_mfac",
-    "sparse_ggt",
-    "sparse_mfac",
-]
+__all__ = ["ScaleByWindowState", "ggt_apply", "mfac_apply", "scale_by_ggt", "scale_by_mfac"]
 
 HIGH_PRECISION_DAMPING = 1e-6
 
@@ -211,7 +202,7 @@ def _windowed(num_grads, compressor, key, apply_newest) -> optax.GradientTransfo
         else:
             step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
             a = state.error + flat
-            payload, _ = compressor.compress(a, optax.MaskedNode(), step_key)
+            payload, _ = compressor.compress(a, EMPTY, step_key)
             row_dense = compressor.decompress(payload, (d,))
             error = keep(a - row_dense, state.error)
             values = state.values.at[slot].set(keep(payload.values, state.values[slot]))
@@ -307,58 +298,3 @@ def scale_by_ggt(
         return _ggt_newest(values, indices, gram, slot, eps, d)
 
     return _windowed(num_grads, compressor, key, apply_newest)
-
-
-# ------------------------------------------------------------------------------------
-# Aliases
-# ------------------------------------------------------------------------------------
-
-
-def mfac(
-    learning_rate: optax.ScalarOrSchedule,
-    num_grads: int = 1024,
-    damping: float = 1e-4,
-    weight_decay: float = 1e-4,
-    mask: optax.MaskOrFn = None,
-) -> optax.GradientTransformation:
-    """Dense M-FAC with decoupled weight decay (EFCP defaults: damping 1e-4, wd 1e-4)."""
-    return adamw_chain(scale_by_mfac(num_grads, damping), learning_rate, weight_decay, mask)
-
-
-def sparse_mfac(
-    learning_rate: optax.ScalarOrSchedule,
-    num_grads: int = 1024,
-    damping: float = 1e-4,
-    weight_decay: float = 1e-4,
-    mask: optax.MaskOrFn = None,
-    *,
-    density: float = 0.01,
-) -> optax.GradientTransformation:
-    """Sparse M-FAC (EFCP): error-feedback top-k (1%) gradients in the window."""
-    tx = scale_by_mfac(num_grads, damping, compressor=top_k(density))
-    return adamw_chain(tx, learning_rate, weight_decay, mask)
-
-
-def ggt(
-    learning_rate: optax.ScalarOrSchedule,
-    num_grads: int = 100,
-    eps: float = 1e-5,
-    weight_decay: float = 1e-4,
-    mask: optax.MaskOrFn = None,
-) -> optax.GradientTransformation:
-    """Dense windowed GGT with decoupled weight decay."""
-    return adamw_chain(scale_by_ggt(num_grads, eps), learning_rate, weight_decay, mask)
-
-
-def sparse_ggt(
-    learning_rate: optax.ScalarOrSchedule,
-    num_grads: int = 100,
-    eps: float = 1e-5,
-    weight_decay: float = 1e-4,
-    mask: optax.MaskOrFn = None,
-    *,
-    density: float = 0.01,
-) -> optax.GradientTransformation:
-    """Sparse GGT (EFCP): error-feedback top-k (1%) gradients in the window."""
-    tx = scale_by_ggt(num_grads, eps, compressor=top_k(density))
-    return adamw_chain(tx, learning_rate, weight_decay, mask)

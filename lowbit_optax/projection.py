@@ -73,7 +73,7 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -82,310 +82,30 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowbit_optax._driver import Chain, map_rows
-from lowbit_optax._util import adamw_chain, auto_axes_like_inputs, unflatten_like
+from lowbit_optax._driver import EMPTY, Chain, init_leaves, map_rows
+from lowbit_optax._util import auto_axes_like_inputs, unflatten_like
+from lowbit_optax.projectors import (  # noqa: F401 (the projectors' math, re-exported)
+    COAPProjector,
+    Projector,
+    SubTrackProjector,
+    SVDProjector,
+    coap_loss,
+    coap_loss_grad,
+    geodesic_step,
+    geodesic_step_projected,
+    projector_of,
+    top_subspace,
+)
 
 __all__ = [
     "COAPProjector",
     "LowRankProjectionState",
     "SVDProjector",
     "SubTrackProjector",
-    "coap_adamw",
-    "galore_adamw",
     "low_rank_projection",
-    "subtrack_adamw",
 ]
 
 MOMENTS = ("keep", "reset", "rotate")
-
-
-# ------------------------------------------------------------------------------------
-# Projectors: the math on one oriented gradient Gk (K x M, K <= M), S (K x r)
-# ------------------------------------------------------------------------------------
-
-
-def top_subspace(gk: jax.Array, r: int) -> jax.Array:
-    """Top-``r`` left singular vectors of ``gk`` (float32 SVD)."""
-    return top_subspace_projected(gk, r)[0]
-
-
-def top_subspace_projected(gk: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
-    """``(S, S^T Gk)`` for the top-``r`` singular subspace; ``S^T Gk = Sigma_r V_r^T``
-    comes from the SVD itself (no ``K x M x r`` product)."""
-    u, sv, vt = jnp.linalg.svd(gk, full_matrices=False)
-    return u[:, :r], sv[:r, None] * vt[:r]
-
-
-def range_finder(gk: jax.Array, sketch: jax.Array) -> jax.Array:
-    """One-pass randomized range finder: ``Q = qr(Gk Omega)``, then the SVD of the small
-    ``Q^T Gk`` rotates ``Q`` onto the top singular directions (Halko et al.). (An eigh of
-    the ``w x w`` Gram of ``Q^T Gk`` is ~7x cheaper on XLA CPU, but its basis moved
-    between sharded and single-device runs beyond the battery's tolerance.)"""
-    return range_finder_projected(gk, gk @ sketch, gk.shape[0])[0]
-
-
-def range_finder_projected(gk: jax.Array, y: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
-    """``range_finder`` from the sketched range ``Y = Gk Omega`` (``K x w``), kept to
-    ``r`` columns, with the new projection: ``(S, S^T Gk)``, ``S^T Gk = Ub_r^T (Q^T Gk)``
-    from the small matrix already formed (no ``K x M x r`` product)."""
-    q, _ = jnp.linalg.qr(y)
-    b = q.T @ gk
-    ub, _, _ = jnp.linalg.svd(b, full_matrices=False)
-    ub = ub[:, :r]
-    return q @ ub, ub.T @ b
-
-
-def coap_loss(s: jax.Array, gk: jax.Array, mk: jax.Array) -> jax.Array:
-    """COAP's projection loss ``mean((S S^T Gk - Gk)**2) * (1 - mean_j cos(S Mk_j, Gk_j))``
-    (columns ``j`` of ``Gk`` are the rows of ``G`` in the paper's right case)."""
-    err = s @ (s.T @ gk) - gk
-    a = s @ mk
-    sa, sg = jnp.sum(a**2, axis=0), jnp.sum(gk**2, axis=0)
-    ok = (sa > 0) & (sg > 0)  # a zero column has cosine 0 (and a finite gradient)
-    norms = jnp.sqrt(jnp.where(ok, sa, 1.0)) * jnp.sqrt(jnp.where(ok, sg, 1.0))
-    cos = jnp.where(ok, jnp.sum(a * gk, axis=0) / norms, 0.0)
-    return jnp.mean(err**2) * (1.0 - jnp.mean(cos))
-
-
-def coap_loss_grad(
-    s: jax.Array, gk: jax.Array, mk: jax.Array, a: jax.Array | None = None
-) -> jax.Array:
-    """Analytic gradient of ``coap_loss`` with respect to ``S``, in two ``K x M x r``
-    products (``A = S^T Gk``, or the ``a`` given, and one ``Gk X``); a direct evaluation
-    takes eight.
-
-    With ``A = S^T Gk``, ``P = S^T S`` and ``E = S A - Gk``:
-    ``|E|^2 = <P, A A^T> - 2 |A|^2 + |Gk|^2`` and its gradient
-    ``2 (E A^T + Gk E^T S) = 2 (S A A^T + Gk A^T (P - 2 I))``. The cosine of column ``j``,
-    ``c_j = m_j.A_j / (|a_j| |g_j|)`` with ``a_j = S m_j`` and ``|a_j|^2 = m_j^T P m_j``,
-    has mean gradient ``(1/M) (Gk W1 Mk^T - S Mk W2 Mk^T)`` with
-    ``W1 = diag(1 / (|a_j||g_j|))`` and ``W2 = diag(c_j / |a_j|^2)`` (a zero column
-    contributes 0). The ``Gk``-products of both parts share one ``Gk X``, the
-    ``S``-products one ``S Y``. (Tested against ``jax.grad`` of ``coap_loss``.)
-    """
-    k, m = gk.shape
-    r = s.shape[1]
-    a = s.T @ gk if a is None else a  # r x M
-    p = s.T @ s
-    aat = a @ a.T
-    sg = jnp.sum(gk**2, axis=0)
-    mse = jnp.maximum(jnp.sum(p * aat) - 2.0 * jnp.sum(a**2) + jnp.sum(sg), 0.0) / (k * m)
-    sa = jnp.sum(mk * (p @ mk), axis=0)  # |a_j|^2
-    ok = (sa > 0) & (sg > 0)  # a zero column has cosine 0 (and a finite gradient)
-    na, ng = jnp.sqrt(jnp.where(ok, sa, 1.0)), jnp.sqrt(jnp.where(ok, sg, 1.0))
-    cos = jnp.where(ok, jnp.sum(mk * a, axis=0) / (na * ng), 0.0)
-    w1 = jnp.where(ok, 1.0 / (na * ng), 0.0)
-    w2 = jnp.where(ok, cos / na**2, 0.0)
-    c_mse = 2.0 * (1.0 - jnp.mean(cos)) / (k * m)
-    c_cos = mse / m
-    x = c_mse * (a.T @ (p - 2.0 * jnp.eye(r, dtype=p.dtype))) - c_cos * (mk * w1).T
-    y = c_mse * aat + c_cos * ((mk * w2) @ mk.T)
-    return gk @ x + s @ y
-
-
-def geodesic_step(s: jax.Array, gk: jax.Array, step_size: float | jax.Array) -> jax.Array:
-    """One SubTrack step on the Grassmannian, downhill on ``|Gk - S S^T Gk|^2``, with the
-    scale-free angle ``step_size * sigma / |Gk|_F^2``. Keeps ``S`` orthonormal."""
-    return _geodesic(s, gk, s.T @ gk, step_size)[0]
-
-
-def geodesic_step_projected(
-    s: jax.Array, gk: jax.Array, a: jax.Array, step_size: float | jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """``geodesic_step`` given ``A = S^T Gk``; also returns ``S_new^T Gk``.
-
-    The step is a rank-1 update ``S_new = S + w v^T`` with
-    ``w = S v (cos(theta) - 1) - u sin(theta)``, so
-    ``S_new^T Gk = A + v ((cos(theta) - 1) v^T A - sin(theta) u^T Gk)``: one ``K x M``
-    matrix-vector product instead of a ``K x M x r`` product.
-    """
-    s_new, v, q = _geodesic(s, gk, a, step_size)
-    return s_new, a + jnp.outer(v, q)
-
-
-def _geodesic(s, gk, a, step_size):
-    """``(S_new, v, q)`` of the geodesic step, with ``S_new^T Gk = A + v q^T``."""
-    # Riemannian gradient of the loss, K x r: -2 R A^T with R = Gk - S A, evaluated as
-    # -2 (Gk A^T - S (A A^T)), one K x M x r product fewer
-    tangent = -2.0 * (gk @ a.T - s @ (a @ a.T))
-    # top singular triplet from the r x r Gram matrix (an r x r eigh instead of a K x r
-    # SVD, much cheaper on XLA CPU): v the top eigenvector, sigma = sqrt(lambda), u = T v / sigma
-    evals, evecs = jnp.linalg.eigh(tangent.T @ tangent)
-    v1 = evecs[:, -1]
-    s1 = jnp.sqrt(jnp.maximum(evals[-1], 0.0))
-    tv = tangent @ v1
-    u1 = jnp.where(s1 > 0, tv / jnp.where(s1 > 0, s1, 1.0), 0.0)
-    energy = jnp.sum(gk**2)
-    theta = jnp.where(energy > 0, step_size * s1 / jnp.where(energy > 0, energy, 1.0), 0.0)
-    cos1, sin = jnp.cos(theta) - 1.0, jnp.sin(theta)
-    s_new = s + jnp.outer((s @ v1) * cos1 - u1 * sin, v1)
-    return s_new, v1, cos1 * (v1 @ a) - sin * (u1 @ gk)
-
-
-def _low_projection(s: jax.Array, gk: jax.Array, right: bool) -> jax.Array:
-    """``S^T Gk`` in the inner state's orientation (``Gk^T S``, i.e. ``G S``, on the
-    right), written as the product XLA lays out row-major in that shape."""
-    return gk.T @ s if right else s.T @ gk
-
-
-class Projector:
-    """Interface of a projector value: ``refresh(s, gk, mk, count, interval, key) -> s``
-    computes the new ``S`` (``K x r``) at an event (``count % interval == 0``, count before
-    the increment) from the oriented float32 gradient ``gk`` (``K x M``), the inner first
-    moment ``mk`` in ``A``'s orientation (``r x M``; the projected gradient when the inner
-    state has none) and a PRNG key. ``count == 0`` is the first event: ``s`` is then the
-    placeholder ``init`` made (the first ``r`` columns of the identity). The wrapper calls
-    ``refresh_projected``, which also returns the new projected gradient."""
-
-    def refresh(self, s, gk, mk, count, interval, key):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def refresh_projected(self, s, gk, low, mk, count, interval, key, right):
-        """``refresh``, also returning the new projected gradient: given ``low``, the
-        current ``S^T Gk`` in the inner state's orientation (its transpose if ``right``;
-        computed on every step anyway), returns the new ``S`` and the new ``low``
-        (float32). The default recomputes the product; a projector whose step is a cheap
-        update of ``S`` (SubTrack's rank-1 geodesic step) overrides it to reuse ``low``."""
-        s_new = self.refresh(s, gk, mk, count, interval, key).astype(jnp.float32)
-        return s_new, _low_projection(s_new, gk, right)
-
-
-@dataclasses.dataclass(frozen=True)
-class SVDProjector(Projector):
-    """GaLore: the top-``r`` singular subspace from a full float32 SVD at every event."""
-
-    def refresh(self, s, gk, mk, count, interval, key):
-        del mk, count, interval, key
-        return top_subspace(gk, s.shape[1])
-
-    def refresh_projected(self, s, gk, low, mk, count, interval, key, right):
-        del low, mk, count, interval, key
-        s_new, a_new = top_subspace_projected(gk, s.shape[1])
-        return s_new, a_new.T if right else a_new
-
-
-@dataclasses.dataclass(frozen=True)
-class COAPProjector(Projector):
-    """COAP: randomized range finder at ``t = 0``, warm-started recalibration every
-    ``update_interval * reproject_factor`` steps, one SGD step on ``S`` of the
-    correlation-aware loss at the other events.
-
-    Attributes:
-      reproject_factor: ``rho``; events between two recalibrations are SGD steps.
-      lr: SGD learning rate on ``S`` (paper: 0.1); the gradient is clipped to norm 1.
-      scale_aware: evaluate the loss on ``Gk / rms(Gk)`` and ``Mk / rms(Mk)`` so the
-        step does not vanish at small gradient scales (the paper's form: ``False``).
-      oversample: extra sketch columns of the range finder (``r + oversample`` kept to
-        ``r`` after the small SVD).
-      power_iters: block power iterations of the first range finder (``t = 0``), each
-        ``Y <- Gk Gk^T qr(Y)``; the paper's one-pass finder is ``0``.
-    """
-
-    reproject_factor: int = 5
-    lr: float = 0.1
-    scale_aware: bool = False
-    oversample: int = 0
-    power_iters: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.reproject_factor, int) or self.reproject_factor < 1:
-            raise ValueError(
-                f"reproject_factor must be a positive int, got {self.reproject_factor!r}"
-            )
-        if not isinstance(self.oversample, int) or self.oversample < 0:
-            raise ValueError(f"oversample must be a non-negative int, got {self.oversample!r}")
-        if not isinstance(self.power_iters, int) or self.power_iters < 0:
-            raise ValueError(f"power_iters must be a non-negative int, got {self.power_iters!r}")
-
-    def p_step(
-        self, s: jax.Array, gk: jax.Array, mk: jax.Array, a: jax.Array | None = None
-    ) -> jax.Array:
-        """One clipped SGD step on the COAP loss (``a``: ``S^T Gk`` if already formed)."""
-        if self.scale_aware:
-            rms = lambda x: jnp.sqrt(jnp.mean(x**2))
-            g_rms = jnp.maximum(rms(gk), 1e-30)
-            gk = gk / g_rms
-            a = None if a is None else a / g_rms
-            mk = mk / jnp.maximum(rms(mk), 1e-30)
-        grad = coap_loss_grad(s, gk, mk, a)
-        norm = jnp.linalg.norm(grad)
-        grad = grad * jnp.minimum(1.0, 1.0 / jnp.maximum(norm, 1e-30))
-        return s - self.lr * grad
-
-    def refresh(self, s, gk, mk, count, interval, key):
-        return self.refresh_projected(s, gk, s.T @ gk, mk, count, interval, key, False)[0]
-
-    def refresh_projected(self, s, gk, low, mk, count, interval, key, right):
-        r = s.shape[1]
-        width = min(r + self.oversample, gk.shape[0])
-        a = low.T if right else low  # S^T Gk, r x M
-
-        def first():
-            sketch = jax.random.normal(key, (gk.shape[1], width), jnp.float32)
-            y = gk @ sketch
-            for _ in range(self.power_iters):
-                y = gk @ (gk.T @ jnp.linalg.qr(y)[0])
-            return range_finder_projected(gk, y, r)
-
-        def warm():  # one block power iteration from the old subspace: Y = Gk Gk^T S
-            return range_finder_projected(gk, gk @ a.T, r)
-
-        def step():
-            s_new = self.p_step(s, gk, mk, a)
-            return s_new, s_new.T @ gk
-
-        big = interval * self.reproject_factor
-        index = jnp.where(count == 0, 0, jnp.where(count % big == 0, 1, 2))
-        s_new, a_new = jax.lax.switch(index, [first, warm, step])
-        return s_new, a_new.T if right else a_new
-
-
-@dataclasses.dataclass(frozen=True)
-class SubTrackProjector(Projector):
-    """SubTrack-Grad: an SVD at ``t = 0``, then one Grassmannian geodesic step per event.
-
-    Attributes:
-      step_size: scale-free step; the rotation angle is ``step_size * sigma / |G|_F^2``
-        with ``sigma`` the top singular value of the tangent ``-2 R A^T``
-        (``sigma / |G|^2 <= 1``).
-    """
-
-    step_size: float = 1.0
-
-    def refresh(self, s, gk, mk, count, interval, key):
-        return self.refresh_projected(s, gk, s.T @ gk, mk, count, interval, key, False)[0]
-
-    def refresh_projected(self, s, gk, low, mk, count, interval, key, right):
-        del mk, interval, key
-
-        def first():
-            s_new, a_new = top_subspace_projected(gk, s.shape[1])
-            return s_new, a_new.T if right else a_new
-
-        def track():
-            s_new, v, q = _geodesic(s, gk, low.T if right else low, self.step_size)
-            return s_new, low + (jnp.outer(q, v) if right else jnp.outer(v, q))
-
-        return jax.lax.cond(count == 0, first, track)
-
-
-_NAMED = {
-    "svd": SVDProjector,
-    "galore": SVDProjector,
-    "coap": COAPProjector,
-    "subtrack": SubTrackProjector,
-}
-
-
-def _projector(p: Any) -> Projector:
-    if isinstance(p, Projector):
-        return p
-    if isinstance(p, str) and p in _NAMED:
-        return _NAMED[p]()
-    raise ValueError(
-        f"projector must be a Projector value (SVDProjector(), COAPProjector(...), "
-        f"SubTrackProjector(...)) or one of {sorted(_NAMED)}, got {p!r}"
-    )
 
 
 # ------------------------------------------------------------------------------------
@@ -513,190 +233,271 @@ def low_rank_projection(
     inner state on ``m r`` (right) or ``r n`` (left) values instead of ``m n`` (plus one
     float32 with ``recover``).
     """
-    proj = _projector(projector)
-    if moments not in MOMENTS:
-        raise ValueError(f"moments must be one of {MOMENTS}, got {moments!r}")
-    if not isinstance(update_interval, int) or update_interval < 1:
-        raise ValueError(f"update_interval must be a positive int, got {update_interval!r}")
-    if isinstance(rank, bool) or not (
-        (isinstance(rank, int) and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)
+    cfg = _Config(
+        inner,
+        projector_of(projector),
+        rank,
+        update_interval,
+        scale,
+        min_dim,
+        mask,
+        moments,
+        proj_dtype,
+        reshape,
+        recover,
+        recover_limit,
+        key,
+        moment_betas,
+    )
+    _check(cfg)
+    return optax.GradientTransformation(
+        functools.partial(_init, cfg), functools.partial(_update, cfg)
+    )
+
+
+class _Config(NamedTuple):
+    """``low_rank_projection``'s arguments (static), as its stages read them."""
+
+    inner: optax.GradientTransformation
+    projector: Projector
+    rank: int | float
+    update_interval: int
+    scale: float
+    min_dim: int
+    mask: optax.MaskOrFn
+    moments: str
+    proj_dtype: Any
+    reshape: bool
+    recover: bool
+    recover_limit: float
+    key: int
+    moment_betas: tuple[float, float] | None
+
+
+def _check(cfg: _Config) -> None:
+    """Clear errors for bad arguments, at construction."""
+    if cfg.moments not in MOMENTS:
+        raise ValueError(f"moments must be one of {MOMENTS}, got {cfg.moments!r}")
+    if not isinstance(cfg.update_interval, int) or cfg.update_interval < 1:
+        raise ValueError(f"update_interval must be a positive int, got {cfg.update_interval!r}")
+    if isinstance(cfg.rank, bool) or not (
+        (isinstance(cfg.rank, int) and cfg.rank >= 1)
+        or (isinstance(cfg.rank, float) and 0 < cfg.rank <= 1)
     ):
         raise ValueError(
-            f"rank must be a positive int or a fraction in (0, 1] of min(m, n), got {rank!r}"
+            f"rank must be a positive int or a fraction in (0, 1] of min(m, n), got {cfg.rank!r}"
         )
-    if jnp.dtype(proj_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"proj_dtype must be float32 or bfloat16, got {proj_dtype!r}")
-    if not isinstance(min_dim, int) or min_dim < 1:
-        raise ValueError(f"min_dim must be a positive int, got {min_dim!r}")
-    if not recover_limit > 1.0:
-        raise ValueError(f"recover_limit must be > 1 (Fira's gamma, 1.01), got {recover_limit!r}")
-    if moment_betas is not None and not (
-        isinstance(moment_betas, tuple | list)
-        and len(moment_betas) == 2
+    if jnp.dtype(cfg.proj_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"proj_dtype must be float32 or bfloat16, got {cfg.proj_dtype!r}")
+    if not isinstance(cfg.min_dim, int) or cfg.min_dim < 1:
+        raise ValueError(f"min_dim must be a positive int, got {cfg.min_dim!r}")
+    if not cfg.recover_limit > 1.0:
+        raise ValueError(
+            f"recover_limit must be > 1 (Fira's gamma, 1.01), got {cfg.recover_limit!r}"
+        )
+    if cfg.moment_betas is not None and not (
+        isinstance(cfg.moment_betas, tuple | list)
+        and len(cfg.moment_betas) == 2
         and all(
             (isinstance(b, numbers.Real) and not isinstance(b, bool) and 0.0 <= b < 1.0)
             or (isinstance(b, jax.Array) and b.ndim == 0)  # under inject_hyperparams
-            for b in moment_betas
+            for b in cfg.moment_betas
         )
     ):
         raise ValueError(
             "moment_betas must be the inner Adam's (b1, b2), two numbers in [0, 1), "
-            f"got {moment_betas!r}"
+            f"got {cfg.moment_betas!r}"
         )
-    if moments == "rotate" and moment_betas is None:
+    if cfg.moments == "rotate" and cfg.moment_betas is None:
         raise ValueError(
             "moments='rotate' needs moment_betas=(b1, b2), the inner Adam's betas, to "
             "bias-correct its moments before rotating them; got moment_betas=None. Pass "
             "e.g. moment_betas=(0.9, 0.999) for optax.scale_by_adam()."
         )
 
-    def plans(tree: Any) -> list[_Leaf]:
-        leaves = jax.tree.leaves(tree)
-        if mask is None:
-            selected = [True] * len(leaves)
-        else:
-            m = mask(tree) if callable(mask) else mask
-            selected = [bool(x) for x in jax.tree.structure(tree).flatten_up_to(m)]
-        return [
-            _plan(x.shape, sel, rank, min_dim, reshape)
-            for x, sel in zip(leaves, selected, strict=True)
-        ]
 
-    def low_tree(tree: Any, values: list[Any]) -> Any:
-        return unflatten_like(tree, values)
+def _plans(cfg: _Config, tree: Any) -> list[_Leaf]:
+    """Each leaf's static layout (projected or not, its 2-D view, its rank)."""
+    leaves = jax.tree.leaves(tree)
+    if cfg.mask is None:
+        selected = [True] * len(leaves)
+    else:
+        m = cfg.mask(tree) if callable(cfg.mask) else cfg.mask
+        selected = [bool(x) for x in jax.tree.structure(tree).flatten_up_to(m)]
+    return [
+        _plan(x.shape, sel, cfg.rank, cfg.min_dim, cfg.reshape)
+        for x, sel in zip(leaves, selected, strict=True)
+    ]
 
-    def init_fn(params: optax.Params) -> LowRankProjectionState:
-        leaves = jax.tree.leaves(params)
-        layout = plans(params)
-        low = [
-            jnp.zeros(lf.low_shape, x.dtype) if lf.projected else x
-            for x, lf in zip(leaves, layout, strict=True)
-        ]
-        inner_state = inner.init(low_tree(params, low))
-        if moments != "keep":
-            _float_moments(inner_state, what=f"moments={moments!r}")
-        s = [
-            jnp.eye(lf.k, lf.rank, dtype=proj_dtype) if lf.projected else optax.MaskedNode()
-            for lf in layout
-        ]
-        norms = [
-            jnp.zeros([], jnp.float32) if recover and lf.projected else optax.MaskedNode()
-            for lf in layout
-        ]
-        return LowRankProjectionState(
-            jnp.zeros([], jnp.int32),
-            jax.random.key_data(jax.random.key(key)).astype(jnp.uint32),
-            low_tree(params, s),
-            inner_state,
-            low_tree(params, norms),
-        )
 
-    def update_fn(updates, state, params=None):
-        del params
-        return auto_axes_like_inputs(body, updates, state)
+def _init(cfg: _Config, params: optax.Params) -> LowRankProjectionState:
+    layout = _plans(cfg, params)
+    leaves = jax.tree.leaves(params)
+    low = [
+        jnp.zeros(lf.low_shape, x.dtype) if lf.projected else x
+        for x, lf in zip(leaves, layout, strict=True)
+    ]
+    inner_state = cfg.inner.init(unflatten_like(params, low))
+    if cfg.moments != "keep":
+        _float_moments(inner_state, what=f"moments={cfg.moments!r}")
 
-    def body(updates, state):
-        count = state.count
-        leaves, treedef = jax.tree.flatten(updates)
-        layout = plans(updates)
-        s_old = treedef.flatten_up_to(state.projectors)
-        event = count % update_interval == 0
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), count)
-        mus = _inner_mu(state.inner_state, treedef)
-        if moments != "keep":
-            mu_all = treedef.flatten_up_to(optax.tree_utils.tree_get(state.inner_state, "mu"))
-            nu_all = treedef.flatten_up_to(optax.tree_utils.tree_get(state.inner_state, "nu"))
-            new_mu, new_nu = list(mu_all), list(nu_all)
-        rho = None
-        if moments == "rotate":
-            rho = _bias_ratio(_inner_count(state.inner_state, count), *moment_betas)
+    def init_leaf(x, lf: _Leaf) -> _LeafState:
+        if not lf.projected:
+            return _LeafState(EMPTY, EMPTY)
+        norm = jnp.zeros([], jnp.float32) if cfg.recover else EMPTY
+        return _LeafState(jnp.eye(lf.k, lf.rank, dtype=cfg.proj_dtype), norm)
 
-        # Projected leaves one after another (``Chain``), largest first: an event's
-        # decompositions work on K x M temporaries, best paid while few of the low-rank
-        # gradients the inner transform needs are alive yet. The back-projections below
-        # run in the reverse order, largest last, when most low-rank arrays are freed.
-        n_leaves = len(leaves)
-        new_s, low, low32 = [None] * n_leaves, [None] * n_leaves, [None] * n_leaves
-        by_size = sorted(range(n_leaves), key=lambda i: -math.prod(leaves[i].shape))
-        chain = Chain()
-        for i in by_size:
-            g, lf, s = leaves[i], layout[i], s_old[i]
-            if not lf.projected:
-                new_s[i], low[i] = s, g
-                continue
-            g2 = g.reshape(lf.m, lf.n).astype(jnp.float32)
-            # leaves one after another: an event's decompositions work on K x M copies
-            s32 = chain.gate(s.astype(jnp.float32))
-            # the projected gradient while S stays, in the inner state's orientation
-            # (G S on the right, S^T G on the left: no transposed copy of G)
-            low_g = g2 @ s32 if lf.right else s32.T @ g2
-            key_i = jax.random.fold_in(step_key, i)
-            moved = () if moments == "keep" else (mu_all[i], nu_all[i])
-            mu_i = mus[i] if mus is not None else low_g
+    fields = init_leaves(init_leaf, params, _LeafState, layout)
+    return LowRankProjectionState(
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.key_data(jax.random.key(cfg.key)).astype(jnp.uint32),
+        projectors=fields.projectors,
+        inner_state=inner_state,
+        residual_norms=fields.residual_norms,
+    )
 
-            # One conditional per leaf for the projector, the projected gradient and
-            # (SubTrack++) the moments: the r x r x M rotation is paid only at a change,
-            # and so are the oriented gradient, its finiteness check and Mk (steps
-            # without an event only pass the operands through).
-            def changed(s32=s32, g2=g2, low_g=low_g, mu_i=mu_i, key_i=key_i, moved=moved, lf=lf):
-                gk = g2.T if lf.right else g2
-                mk = _to_a(mu_i.astype(jnp.float32), lf)
 
-                def refresh():
-                    sn, low_n = proj.refresh_projected(
-                        s32, gk, low_g, mk, count, update_interval, key_i, lf.right
-                    )
-                    sn = sn.astype(jnp.float32)
-                    return sn, low_n, _moved_moments(moved, s32, sn, lf, moments, rho)
+class _LeafState(NamedTuple):
+    """One leaf's entries of the state's per-parameter fields (``EMPTY`` where unused)."""
 
-                # a non-finite gradient keeps the old projector (the SVD never sees it)
-                return jax.lax.cond(jnp.all(jnp.isfinite(g2)), refresh, lambda: (s32, low_g, moved))
+    projectors: jax.Array
+    residual_norms: jax.Array
 
-            s_new, low_g, moved = jax.lax.cond(
-                event, changed, lambda s32=s32, low_g=low_g, moved=moved: (s32, low_g, moved)
+
+def _update(cfg: _Config, updates, state, params=None):
+    del params
+    return auto_axes_like_inputs(functools.partial(_step, cfg), updates, state)
+
+
+def _step(cfg: _Config, updates: Any, state: LowRankProjectionState):
+    """One update, in the paper's stages: per projected leaf orient and project the
+    gradient and, at an event, move the projector (and the inner moments); the inner
+    transform on the low-rank tree; per projected leaf project its update back.
+
+    Projected leaves run one after another (``Chain``), largest first: an event's
+    decompositions work on ``K x M`` temporaries, best paid while few of the low-rank
+    gradients the inner transform needs are alive yet. The back-projections run in the
+    reverse order, largest last, when most low-rank arrays are freed."""
+    leaves, treedef = jax.tree.flatten(updates)
+    layout = _plans(cfg, updates)
+    view = _MomentView(cfg, state, treedef)
+    chain = Chain()
+    by_size = sorted(range(len(leaves)), key=lambda i: -math.prod(leaves[i].shape))
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
+    s_old = treedef.flatten_up_to(state.projectors)
+    new_s, low, low32 = list(s_old), list(leaves), [None] * len(leaves)
+    for i in by_size:
+        if layout[i].projected:
+            key = jax.random.fold_in(step_key, i)
+            s_new, low32[i] = _project(cfg, leaves[i], layout[i], s_old[i], view, i, key, chain)
+            # stored at once (its float32 value would stay alive until the
+            # back-projection otherwise, for every leaf); the back-projection reads the
+            # stored S, which differs from the float32 one only on event steps with a
+            # low-precision S
+            new_s[i] = chain.close(s_new.astype(cfg.proj_dtype))
+            low[i] = low32[i].astype(leaves[i].dtype)
+    inner_state = view.stored(state.inner_state, treedef)
+    low_updates, inner_state = cfg.inner.update(treedef.unflatten(low), inner_state, None)
+    out = list(treedef.flatten_up_to(low_updates))
+    norms = treedef.flatten_up_to(state.residual_norms)
+    for i in reversed(by_size):
+        lf = layout[i]
+        if lf.projected:
+            back = lambda g, *a, lf=lf: _back_projected(
+                g, lf, *a, cfg.scale, cfg.recover, cfg.recover_limit
             )
-            # stored at once (its float32 value would stay alive until the back-projection
-            # otherwise, for every leaf); the back-projection reads the stored S, which
-            # differs from the float32 one only on event steps with a low-precision S
-            new_s[i] = chain.close(s_new.astype(proj_dtype))
-            low32[i] = low_g
-            if moments != "keep":
-                new_mu[i], new_nu[i] = moved
-            low[i] = low_g.astype(g.dtype)
+            s32 = new_s[i].astype(jnp.float32)
+            out[i], norms[i] = chain(back, leaves[i], out[i], s32, low32[i], norms[i])
+    return treedef.unflatten(out), LowRankProjectionState(
+        optax.safe_increment(state.count),
+        state.key,
+        treedef.unflatten(new_s),
+        inner_state,
+        treedef.unflatten(norms),
+    )
 
-        inner_state = state.inner_state
-        if moments != "keep":
-            inner_state = optax.tree_utils.tree_set(
-                inner_state, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu)
+
+def _project(cfg: _Config, g, lf: _Leaf, s, view: _MomentView, i: int, key, chain):
+    """Orients and projects one leaf's gradient and, at an event, refreshes its
+    projector (and moves its inner moments, in ``view``). Returns the new float32 ``S``
+    and the projected gradient in the inner state's orientation."""
+    g2 = g.reshape(lf.m, lf.n).astype(jnp.float32)
+    # leaves one after another: an event's decompositions work on K x M copies
+    s32 = chain.gate(s.astype(jnp.float32))
+    # the projected gradient while S stays, in the inner state's orientation (G S on
+    # the right, S^T G on the left: no transposed copy of G)
+    low_g = g2 @ s32 if lf.right else s32.T @ g2
+    moved = view.moved(i)
+    mu = view.mu[i] if view.mu is not None else low_g
+
+    # One conditional per leaf for the projector, the projected gradient and
+    # (SubTrack++) the moments: the r x r x M rotation is paid only at a change, and so
+    # are the oriented gradient, its finiteness check and Mk (steps without an event
+    # only pass the operands through).
+    def changed():
+        gk = g2.T if lf.right else g2
+        mk = _to_a(mu.astype(jnp.float32), lf)
+
+        def refresh():
+            s_new, a_new = cfg.projector.refresh(
+                s=s32,
+                gk=gk,
+                a=_to_a(low_g, lf),
+                mk=mk,
+                count=view.count,
+                interval=cfg.update_interval,
+                key=key,
             )
-        low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None)
-        out, norms = (
-            list(treedef.flatten_up_to(low_updates)),
-            treedef.flatten_up_to(state.residual_norms),
-        )
-        for i in reversed(by_size):
-            lf = layout[i]
-            if lf.projected:
-                back = lambda g, *a, lf=lf: _back_projected(
-                    g, lf, *a, scale, recover, recover_limit
-                )
-                s32 = new_s[i].astype(jnp.float32)
-                out[i], norms[i] = chain(back, leaves[i], out[i], s32, low32[i], norms[i])
-        projectors = treedef.unflatten(
-            [
-                s if not lf.projected else s.astype(proj_dtype)
-                for s, lf in zip(new_s, layout, strict=True)
-            ]
-        )
-        return treedef.unflatten(out), LowRankProjectionState(
-            optax.safe_increment(count),
-            state.key,
-            projectors,
-            inner_state,
-            treedef.unflatten(norms),
-        )
+            s_new = s_new.astype(jnp.float32)
+            rotated = _moved_moments(moved, s32, s_new, lf, cfg.moments, view.rho)
+            return s_new, _to_a(a_new, lf), rotated
 
-    return optax.GradientTransformation(init_fn, update_fn)
+        # a non-finite gradient keeps the old projector (the SVD never sees it)
+        return jax.lax.cond(jnp.all(jnp.isfinite(g2)), refresh, lambda: (s32, low_g, moved))
+
+    event = view.count % cfg.update_interval == 0
+    s_new, low_g, moved = jax.lax.cond(event, changed, lambda: (s32, low_g, moved))
+    view.set_moved(i, moved)
+    return s_new, low_g
+
+
+class _MomentView:
+    """The inner state as the stages read and write it: its float first moment per
+    leaf (COAP's ``Mk``, when it has one), and, with ``moments='reset'/'rotate'``, its
+    ``mu``/``nu`` per leaf and the bias-correction ratio.
+
+    The protocol an inner state follows to take part: exactly one field named ``mu``
+    and one named ``nu`` (float trees shaped like the projected params) and, for the
+    rotation's bias correction, one scalar integer ``count`` (else this wrapper's count
+    is used), as ``optax.ScaleByAdamState``. ``moment_betas`` gives its betas."""
+
+    def __init__(self, cfg: _Config, state: LowRankProjectionState, treedef: Any):
+        self.cfg, self.count = cfg, state.count
+        self.mu = _inner_mu(state.inner_state, treedef)
+        self.moments = None
+        if cfg.moments != "keep":
+            get = lambda name: treedef.flatten_up_to(
+                optax.tree_utils.tree_get(state.inner_state, name)
+            )
+            self.moments = [list(get("mu")), list(get("nu"))]
+        self.rho = None
+        if cfg.moments == "rotate":
+            self.rho = _bias_ratio(_inner_count(state.inner_state, state.count), *cfg.moment_betas)
+
+    def moved(self, i: int) -> Any:
+        """Leaf ``i``'s ``(mu, nu)``, or ``EMPTY`` with ``moments='keep'``."""
+        return EMPTY if self.moments is None else (self.moments[0][i], self.moments[1][i])
+
+    def set_moved(self, i: int, moved: Any) -> None:
+        if self.moments is not None:
+            self.moments[0][i], self.moments[1][i] = moved
+
+    def stored(self, inner_state: Any, treedef: Any) -> Any:
+        """``inner_state`` with the moved moments written back."""
+        if self.moments is None:
+            return inner_state
+        mu, nu = (treedef.unflatten(m) for m in self.moments)
+        return optax.tree_utils.tree_set(inner_state, mu=mu, nu=nu)
 
 
 def _back_projected(g, lf, u_low, s_new, low_g, last_norm, scale, recover, limit):
@@ -817,148 +618,3 @@ def _moved_moments(moved, s_old, s_new, lf, moments, rho=None):
         variance = jnp.maximum(0.0, v32 - rho * m32**2)  # (1 - b2^t) (v_hat - m_hat^2)
         v2 = rot(variance, c**2) + rho * m2**2
     return m2.astype(m.dtype), v2.astype(v.dtype)
-
-
-# ------------------------------------------------------------------------------------
-# Aliases
-# ------------------------------------------------------------------------------------
-
-
-_adamw = adamw_chain
-
-
-def galore_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 1e-4,
-    mask: optax.MaskOrFn = None,
-    *,
-    rank: int | float = 0.25,
-    update_interval: int = 200,
-    scale: float = 0.25,
-    min_dim: int = 128,
-    proj_dtype: Any = jnp.float32,
-    projection_mask: optax.MaskOrFn = None,
-) -> optax.GradientTransformation:
-    """GaLore AdamW: Adam on SVD-projected gradients (projector refreshed every 200 steps,
-    moments kept), weight decay and learning rate outside the projection.
-
-    References:
-      Zhao et al., GaLore, ICML 2024 (arXiv 2403.03507).
-    """
-    return _adamw(
-        low_rank_projection(
-            optax.scale_by_adam(b1, b2, eps),
-            rank=rank,
-            projector=SVDProjector(),
-            update_interval=update_interval,
-            scale=scale,
-            min_dim=min_dim,
-            mask=projection_mask,
-            proj_dtype=proj_dtype,
-        ),
-        learning_rate,
-        weight_decay,
-        mask,
-    )
-
-
-def coap_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 1e-4,
-    mask: optax.MaskOrFn = None,
-    *,
-    rank: int | float = 0.25,
-    update_interval: int = 32,
-    reproject_factor: int = 5,
-    scale: float = 0.25,
-    scale_aware: bool = True,
-    power_iters: int = 2,
-    min_dim: int = 128,
-    proj_dtype: Any = jnp.float32,
-    projection_mask: optax.MaskOrFn = None,
-    inner: optax.GradientTransformation | None = None,
-    key: int = 0,
-) -> optax.GradientTransformation:
-    """COAP AdamW: correlation-aware projection updates (every 32 steps; recalibration
-    every 160), moments kept. **Decisions:** ``scale_aware=True`` by default, since the
-    paper's P step is numerically a no-op at real gradient scales (``False`` restores
-    it); ``power_iters=2``: the first range finder (``t = 0`` only) takes two block
-    power iterations, since the paper's one-pass sketch caught ~69% of the best rank-r
-    energy on a slowly decaying spectrum (~95% with two) and COAP keeps that first
-    subspace, moved only by small P steps, until its first recalibration. On ``lm`` at
-    a shared interval of 50 this lowered the eval loss on each of six seeds, by
-    0.01-0.13% (``benchmarks/projection_interval``); ``0`` restores the paper's form.
-    ``inner`` replaces the inner Adam (e.g. 8-bit moments, the 8-bit COAP recipe).
-
-    References:
-      Xiao et al., COAP, arXiv 2412.00071.
-    """
-    return _adamw(
-        low_rank_projection(
-            inner if inner is not None else optax.scale_by_adam(b1, b2, eps),
-            rank=rank,
-            projector=COAPProjector(
-                reproject_factor, scale_aware=scale_aware, power_iters=power_iters
-            ),
-            update_interval=update_interval,
-            scale=scale,
-            min_dim=min_dim,
-            mask=projection_mask,
-            proj_dtype=proj_dtype,
-            key=key,
-        ),
-        learning_rate,
-        weight_decay,
-        mask,
-    )
-
-
-def subtrack_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 1e-4,
-    mask: optax.MaskOrFn = None,
-    *,
-    rank: int | float = 0.25,
-    update_interval: int = 50,
-    step_size: float = 1.0,
-    scale: float = 0.25,
-    moments: str = "rotate",
-    recover: bool = False,
-    min_dim: int = 128,
-    proj_dtype: Any = jnp.float32,
-    projection_mask: optax.MaskOrFn = None,
-) -> optax.GradientTransformation:
-    """SubTrack++ AdamW: Grassmannian subspace tracking every 50 steps, Adam moments
-    rotated into the new subspace at each change, optional recovery of the discarded
-    gradient.
-
-    References:
-      Rajabi et al., SubTrack your Grad, arXiv 2502.01586 (and SubTrack++).
-    """
-    return _adamw(
-        low_rank_projection(
-            optax.scale_by_adam(b1, b2, eps),
-            rank=rank,
-            projector=SubTrackProjector(step_size),
-            update_interval=update_interval,
-            scale=scale,
-            min_dim=min_dim,
-            mask=projection_mask,
-            moments=moments,
-            proj_dtype=proj_dtype,
-            recover=recover,
-            moment_betas=(b1, b2),
-        ),
-        learning_rate,
-        weight_decay,
-        mask,
-    )

@@ -32,17 +32,13 @@ import numpy as np
 import optax
 
 from lowbit_optax import quantization as qz
-from lowbit_optax._driver import Chain, map_rows
-from lowbit_optax._util import adamw_chain, on_auto_axes, unflatten_like
+from lowbit_optax._driver import EMPTY, init_leaves, is_empty, map_rows, update_leaves
 from lowbit_optax.quantization import MAPS, make_codec  # noqa: F401 (re-exported)
 
 __all__ = [
     "ScaleByQuantizedAdamState",
-    "adamw_4bit",
-    "adamw_8bit",
     "make_codec",
     "scale_by_quantized_adam",
-    "solo_adamw",
 ]
 
 _TINY = float(np.finfo(np.float32).tiny)
@@ -164,29 +160,21 @@ def scale_by_quantized_adam(
     def quantized(p: Any) -> bool:
         return len(p.shape) >= 1 and int(np.prod(p.shape)) >= min_size
 
-    def init_fn(params: optax.Params) -> ScaleByQuantizedAdamState:
-        def leaf(p):
-            if not quantized(p):  # two distinct buffers (both may be donated), laid out
-                # like the param on an Explicit mesh (zeros_like keeps its sharding type)
-                mu, nu = jnp.zeros_like(p, jnp.float32), jnp.zeros_like(p, jnp.float32)
-                return mu, optax.MaskedNode(), nu, optax.MaskedNode(), optax.MaskedNode()
-            mq, nq = mu_codec.abstract(p.shape), nu_codec.abstract(p.shape)
-            zeros = lambda a: jnp.zeros(a.shape, a.dtype)
-            return (
-                zeros(mq.codes),
-                zeros(mq.scales),
-                zeros(nq.codes),
-                zeros(nq.scales),
-                optax.MaskedNode()
-                if nq.bases is None
-                else jnp.ones(nq.bases.shape, nq.bases.dtype),
-            )
+    def init_leaf(p) -> _Leaf:
+        if not quantized(p):  # two distinct buffers (both may be donated), laid out
+            # like the param on an Explicit mesh (zeros_like keeps its sharding type)
+            mu, nu = jnp.zeros_like(p, jnp.float32), jnp.zeros_like(p, jnp.float32)
+            return _Leaf(mu, EMPTY, nu, EMPTY, EMPTY)
+        mq, nq = mu_codec.abstract(p.shape), nu_codec.abstract(p.shape)
+        zeros = lambda a: jnp.zeros(a.shape, a.dtype)
+        bases = EMPTY if nq.bases is None else jnp.ones(nq.bases.shape, nq.bases.dtype)
+        return _Leaf(zeros(mq.codes), zeros(mq.scales), zeros(nq.codes), zeros(nq.scales), bases)
 
-        fields = _transpose(params, jax.tree.map(leaf, params), 5)
+    def init_fn(params: optax.Params) -> ScaleByQuantizedAdamState:
         return ScaleByQuantizedAdamState(
             jnp.zeros([], jnp.int32),
             jax.random.key_data(jax.random.key(key)).astype(jnp.uint32),
-            *fields,
+            *init_leaves(init_leaf, params, _Leaf),
         )
 
     def update_fn(updates, state, params=None):
@@ -198,37 +186,35 @@ def scale_by_quantized_adam(
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), count)
         hp = _Hyper(*(jnp.asarray(x, jnp.float32) for x in (b1, b2, eps)), bc1, bc2)
 
-        leaves, treedef = jax.tree.flatten(updates)
-        per_field = [treedef.flatten_up_to(f) for f in state[2:]]
-        chain = Chain()  # quantized leaves one after another (bounded temporaries)
-
-        def leaf_fn(extra, g, *moments):
+        def sliced(extra, g, *fields):
             key, hp = extra
             return map_rows(
                 lambda c, _, rows: _quantized_leaf(*c, key, rows, mu_codec, nu_codec, hp),
-                (g, *moments),
+                (g, *fields),
                 materialize=nu_codec.is_log,  # SOLO heavier math (see map_rows)
             )
 
-        out = []
-        for i, g in enumerate(leaves):
-            moments = [f[i] for f in per_field]
-            if isinstance(moments[1], optax.MaskedNode):
-                out.append(_float_leaf(g, moments[0], moments[2], hp))
-            else:
-                key = jax.random.fold_in(step_key, i)
-                run = lambda *a, key=key: on_auto_axes(leaf_fn, (key, hp), *a)
-                out.append(chain(run, g, *moments))
-        new = [treedef.unflatten([o[j] for o in out]) for j in range(6)]
-        return new[0], ScaleByQuantizedAdamState(count, state.key, *new[1:])
+        def update_leaf(i, g, leaf: _Leaf, chain):
+            if is_empty(leaf.mu_scales):  # a float32 leaf: elementwise, fused into apply
+                return _float_leaf(g, leaf.mu_codes, leaf.nu_codes, hp)
+            # quantized leaves one after another (bounded temporaries)
+            u, *fields = chain.run(sliced, (jax.random.fold_in(step_key, i), hp), g, *leaf)
+            return u, _Leaf(*fields)
+
+        updates, fields = update_leaves(update_leaf, updates, state, _Leaf)
+        return updates, ScaleByQuantizedAdamState(count, state.key, *fields)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _transpose(params: Any, tree_of_tuples: Any, n: int) -> list[Any]:
-    treedef = jax.tree.structure(params)
-    flat = treedef.flatten_up_to(tree_of_tuples)
-    return [unflatten_like(params, [t[j] for t in flat]) for j in range(n)]
+class _Leaf(NamedTuple):
+    """One leaf's entries of the state's per-parameter fields (``EMPTY`` where unused)."""
+
+    mu_codes: jax.Array
+    mu_scales: jax.Array
+    nu_codes: jax.Array
+    nu_scales: jax.Array
+    nu_bases: jax.Array
 
 
 class _Hyper(NamedTuple):
@@ -250,7 +236,7 @@ def _float_leaf(g, mu, w, hp: _Hyper):
     safe = jnp.where(s > 0, s, 1.0)
     w = jnp.where(s > 0, s * jnp.sqrt(b2 * (w / safe) ** 2 + (1 - b2) * (g32 / safe) ** 2), 0.0)
     u = (mu / bc1) / (w / jnp.sqrt(bc2) + eps)
-    return u.astype(g.dtype), mu, optax.MaskedNode(), w, optax.MaskedNode(), optax.MaskedNode()
+    return u.astype(g.dtype), _Leaf(mu, EMPTY, w, EMPTY, EMPTY)
 
 
 def _quantized_leaf(g, mu_c, mu_s, nu_c, nu_s, nu_b, key, rows, mu_codec, nu_codec, hp: _Hyper):
@@ -259,186 +245,32 @@ def _quantized_leaf(g, mu_c, mu_s, nu_c, nu_s, nu_b, key, rows, mu_codec, nu_cod
     rows of the leaf (``None``: the whole leaf), where the noise is drawn."""
     b1, b2, eps, bc1, bc2 = hp
     k_mu, k_nu = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-    n, block = g.shape[-1], mu_codec.block_size
-    lead = g.shape[:-1]
-    gb = qz.to_blocks(g.astype(jnp.float32), block)
-    nblocks = gb.shape[-2]
+    gb = qz.to_blocks(g.astype(jnp.float32), mu_codec.block_size)
 
-    def unpacked(codes, bits):
-        return qz.unpack(codes.reshape(*lead, nblocks, -1), bits)
-
-    m = qz.decode_blocks(
-        unpacked(mu_c, mu_codec.bits), mu_s.astype(jnp.float32)[..., None], None, mu_codec
-    )
+    m = qz.decode(mu_c, mu_s, None, mu_codec)
     m = b1 * m + (1 - b1) * gb
 
     # nu in units of r**2 per block: y_old is nu_old / s_old**2 (the decoded values
     # relative to the block max), r bounds both terms, so nothing overflows.
     s_old = nu_s.astype(jnp.float32)[..., None]
-    base = None if isinstance(nu_b, optax.MaskedNode) else nu_b.astype(jnp.float32)[..., None]
-    y_old = qz.decode_blocks(unpacked(nu_c, nu_codec.bits), 1.0, base, nu_codec)
+    y_old = qz.decode(nu_c, 1.0, None if is_empty(nu_b) else nu_b, nu_codec)
     r = jnp.maximum(jnp.maximum(s_old, jnp.max(jnp.abs(gb), axis=-1, keepdims=True)), _TINY)
     vr = b2 * y_old * (s_old / r) ** 2 + (1 - b2) * (gb / r) ** 2
 
     u = (m / bc1) / (jnp.sqrt(vr) * r / jnp.sqrt(bc2) + eps)
 
-    mu_noise = qz.uniform_noise(mu_codec, k_mu, m.shape, rows)
-    mu_codes, mu_scale, _ = qz.encode_blocks(m, mu_codec, mu_noise)
-    nu_codes, vmax, nu_base = qz.encode_blocks(
-        vr, nu_codec, qz.uniform_noise(nu_codec, k_nu, vr.shape, rows)
-    )
-    sdt = jnp.dtype(mu_codec.scale_dtype)
-    packed = lambda c, bits: qz.pack(c, bits).reshape(*lead, -1)
+    mu_new = qz.encode(m, mu_codec, qz.uniform_noise(mu_codec, k_mu, m.shape, rows))
+    nu_new = qz.encode(vr, nu_codec, qz.uniform_noise(nu_codec, k_nu, vr.shape, rows))
+    # the stored nu scale is sqrt of the block's largest nu: r * sqrt(max vr)
+    nu_new = nu_new._replace(scales=r * jnp.sqrt(nu_new.scales))
+    mu_codes, mu_scale, _ = mu_new.stored(mu_codec)
+    nu_codes, nu_scale, nu_base = nu_new.stored(nu_codec)
+    base = EMPTY if nu_base is None else nu_base
     return (
-        qz.from_blocks(u, n).astype(g.dtype),
-        packed(mu_codes, mu_codec.bits),
-        mu_scale[..., 0].astype(sdt),
-        packed(nu_codes, nu_codec.bits),
-        (r * jnp.sqrt(vmax))[..., 0].astype(jnp.dtype(nu_codec.scale_dtype)),
-        optax.MaskedNode()
-        if nu_base is None
-        else nu_base[..., 0].astype(jnp.dtype(nu_codec.scale_dtype)),
-    )
-
-
-# ------------------------------------------------------------------------------------
-# Aliases
-# ------------------------------------------------------------------------------------
-
-
-_adamw = adamw_chain
-
-
-def adamw_8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    mask: optax.MaskOrFn = None,
-    *,
-    block_size: int = 128,
-    min_size: int = 4096,
-) -> optax.GradientTransformation:
-    """AdamW with 8-bit block-wise moments (bitsandbytes' recipe).
-
-    Both moments use the 8-bit dynamic tree map (signed for ``mu``, unsigned for
-    ``nu``), blocks of 128 with float32 absmax scales, nearest rounding. About 2.06
-    bytes/param on large tensors (optax.adamw: 8). Static arguments under
-    ``inject_hyperparams``: ``block_size, min_size``.
-
-    References:
-      Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.
-    """
-    return _adamw(
-        scale_by_quantized_adam(
-            b1,
-            b2,
-            eps,
-            mu_bits=8,
-            nu_bits=8,
-            mu_map="dynamic",
-            nu_map="dynamic",
-            block_size=block_size,
-            min_size=min_size,
-        ),
-        learning_rate,
-        weight_decay,
-        mask,
-    )
-
-
-def adamw_4bit(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    mask: optax.MaskOrFn = None,
-    *,
-    block_size: int = 128,
-    min_size: int = 4096,
-) -> optax.GradientTransformation:
-    """AdamW with 4-bit block-wise moments (the 4-bit paper's recipe).
-
-    ``mu``: signed 4-bit dynamic-exponent map; ``nu``: unsigned 4-bit linear map
-    without a zero level (the zero-point fix). Blocks of 128 for both (the paper uses
-    rank-1 normalisation for ``nu``; block-wise is our choice). About 1.06 bytes/param.
-
-    References:
-      Li et al., Memory Efficient Optimizers with 4-bit States, NeurIPS 2023.
-    """
-    return _adamw(
-        scale_by_quantized_adam(
-            b1,
-            b2,
-            eps,
-            mu_bits=4,
-            nu_bits=4,
-            mu_map="dynamic",
-            nu_map="linear_zero_free",
-            block_size=block_size,
-            min_size=min_size,
-        ),
-        learning_rate,
-        weight_decay,
-        mask,
-    )
-
-
-SOLO_B1 = {4: 0.8, 3: 0.7, 2: 0.6}
-
-
-def solo_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float | None = None,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    mask: optax.MaskOrFn = None,
-    *,
-    bits: tuple[int, int] = (4, 2),
-    block_size: int = 128,
-    quantile_sample: int = 16,
-    min_size: int = 4096,
-    key: int = 0,
-) -> optax.GradientTransformation:
-    """SOLO: low-bit AdamW robust to signal swamping.
-
-    ``mu``: signed dynamic-exponent map at ``bits[0]``, nearest rounding, with a
-    precision-specific default ``b1`` (0.8 at 4 bits, 0.7 at 3, 0.6 at 2); ``nu``:
-    SOLO's logarithmic unsigned quantizer at ``bits[1]`` (per block max ``D`` and base
-    from the block's 10% quantile, no zero level) with stochastic rounding in the
-    exponent. ``bits`` in (4, 2), (3, 3), (2, 2); 3-bit codes are packed in real 3 bits.
-    **Decision:** the 10% quantile is estimated from a strided subsample of
-    ``quantile_sample`` = 16 values per block (an exact per-block sort made the update
-    ~90x optax.adamw on CPU); ``quantile_sample=0`` computes it exactly.
-    Bytes/param on large tensors: (4, 2) 0.84, (3, 3) 0.84, (2, 2) 0.59.
-
-    References:
-      Xu et al., Pushing the Limits of Low-Bit Optimizers: A Focus on EMA Dynamics,
-      arXiv 2505.00347.
-    """
-    if tuple(bits) not in ((4, 2), (3, 3), (2, 2)):
-        raise ValueError(f"bits must be (4, 2), (3, 3) or (2, 2), got {bits!r}")
-    if b1 is None:
-        b1 = SOLO_B1[bits[0]]
-    return _adamw(
-        scale_by_quantized_adam(
-            b1,
-            b2,
-            eps,
-            mu_bits=bits[0],
-            nu_bits=bits[1],
-            mu_map="dynamic",
-            nu_map="log",
-            rounding=("nearest", "stochastic_log"),
-            block_size=block_size,
-            quantile_sample=quantile_sample,
-            min_size=min_size,
-            key=key,
-        ),
-        learning_rate,
-        weight_decay,
-        mask,
+        qz.from_blocks(u, g.shape[-1]).astype(g.dtype),
+        mu_codes,
+        mu_scale,
+        nu_codes,
+        nu_scale,
+        base,
     )

@@ -480,3 +480,96 @@ def test_cli_rejects_bad_sweeps(
         cli.parse_args(argv)
     assert exc.value.code != 0
     assert message in capsys.readouterr().err
+
+
+def test_cli_set_and_sweep_make_labelled_variants() -> None:
+    args = cli.parse_args(
+        [
+            "--optimizers", "coap_adamw,galore_adamw",
+            "--set", "coap_adamw.update_interval=50",
+            "--set", "coap_adamw.proj_dtype=bfloat16",
+            "--sweep", "galore_adamw.rank=0.25,0.5",
+            "--seeds", "3,1",
+        ]
+    )  # fmt: skip
+    assert args.optimizers == [
+        "adamw",
+        "coap_adamw[update_interval=50,proj_dtype=bfloat16]",
+        "galore_adamw[rank=0.25]",
+        "galore_adamw[rank=0.5]",
+    ]
+    assert args.variants["galore_adamw[rank=0.5]"] == ("galore_adamw", {"rank": 0.5})
+    assert args.variants["coap_adamw[update_interval=50,proj_dtype=bfloat16]"][1] == {
+        "update_interval": 50,
+        "proj_dtype": "bfloat16",
+    }
+    assert args.seeds == [3, 1]
+    # variants keep their optimizer's registry entries
+    assert registry.event_period("galore_adamw[rank=0.5]") == 200
+    assert registry.takes_rules("slim_adamw[mu_bits=8]")
+    assert not registry.runs_on("mfac[damping=0.1]", "update")
+
+
+def test_variant_factory_passes_the_keywords() -> None:
+    seen: list[dict[str, Any]] = []
+    spec = registry.OptimizerSpec(
+        "x", lambda lr, **kw: seen.append({"lr": lr, **kw}) or optax.sgd(lr), "d", lr_scale=2.0
+    )
+    spec.factory(momentum=0.5)(1e-3)
+    spec.factory(momentum=0.5)(1e-3, rules="r")
+    spec.factory(lr_scale=0.5)(1e-3)
+    assert seen == [
+        {"lr": 2e-3, "momentum": 0.5},
+        {"lr": 2e-3, "momentum": 0.5, "rules": "r"},
+        {"lr": 5e-4},
+    ]
+    assert registry.parse_value("(4, 2)") == (4, 2) and registry.parse_value("x1") == "x1"
+    label, make = registry.variant("solo_adamw_3_3", {"b1": 0.5})
+    assert label == "solo_adamw_3_3[b1=0.5]"
+    state = make(1e-3).init({"w": jax.numpy.zeros((64, 64))})
+    assert jax.tree.leaves(state)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "adamw.b1"], "--set takes NAME.KEY=VALUE"),
+        (["--set", "nope.b1=0.5"], "unknown optimizer 'nope'"),
+        (["--optimizers", "adamw", "--set", "galore.rank=8"], "do not run: ['galore']"),
+        (["--sweep", "adamw.b1=0.8", "--sweep", "adamw.b2=0.9"], "one sweep per optimizer"),
+        (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+        (["--seeds", "0", "--lrs", "1e-3"], "--seeds and --lrs exclude each other"),
+    ],
+)
+def test_cli_rejects_bad_variants_and_seeds(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_seed_summary_by_hand() -> None:
+    from lowbit_optax.bench import report
+
+    def task(losses: dict[str, float | None]) -> dict[str, Any]:
+        return {"config": {}, "results": {k: {"eval_loss": v} for k, v in losses.items()}}
+
+    results = {
+        "meta": {"reference": "adamw"},
+        "tasks": {
+            "lm@seed=0": task({"adamw": 2.0, "x": 2.2}),
+            "lm@seed=1": task({"adamw": 4.0, "x": 4.0}),
+            "update@seed=0": task({"adamw": None, "x": None}),
+        },
+    }
+    summary = report.seed_summary(results, [0, 1])
+    assert list(summary) == ["lm"]
+    lm = summary["lm"]
+    assert lm["eval_loss"]["x"] == [2.2, 4.0]
+    assert lm["mean"]["x"] == pytest.approx(3.1)
+    assert lm["stderr"]["x"] == pytest.approx(math.sqrt(((2.2 - 3.1) ** 2 + 0.9**2) / 1 / 2))
+    rel, rel_se = lm["vs_reference"]["x"]  # +10% and 0% on the two seeds
+    assert rel == pytest.approx(5.0) and rel_se == pytest.approx(5.0)
+    assert "| x | 2.2000 | 4.0000 | 3.1000 |" in report.seed_table(lm)

@@ -10,7 +10,8 @@ import pytest
 
 import lowbit_optax
 from lowbit_optax import quantization as qz
-from lowbit_optax.quantized import SOLO_B1, scale_by_quantized_adam
+from lowbit_optax.aliases import SOLO_B1
+from lowbit_optax.quantized import scale_by_quantized_adam
 
 ALIASES = {
     "adamw_8bit": lambda lr, **kw: lowbit_optax.adamw_8bit(lr, **kw),

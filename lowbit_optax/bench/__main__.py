@@ -15,6 +15,7 @@ import importlib.util
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -75,6 +76,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="learning-rate sweep: run each training task once per lr (no update "
         "micro-benchmark), report every optimizer's eval loss per lr and its best lr",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="keyword argument of a registered optimizer (repeatable; VALUE a Python "
+        "literal, else a string): it runs as the variant NAME[KEY=VALUE]; KEY lr_scale "
+        "multiplies the task's learning rate (schedule) for that optimizer",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=V1,V2,...",
+        help="run NAME as one variant per value of keyword KEY, side by side (with any "
+        "--set of NAME); a variant keeps NAME's registered event period for the amortized "
+        "timing",
+    )
+    parser.add_argument(
+        "--seeds",
+        metavar="SEED,...",
+        help="run each task once per seed (lm, digits: eval losses summarised per "
+        "optimizer as mean and standard error over the seeds)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder")
     parser.add_argument(
         "--readme",
@@ -94,7 +119,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             registry.get(name)
     except ValueError as err:
         parser.error(str(err))
-    args.optimizers = list(dict.fromkeys([registry.REFERENCE, *requested]))
+    names = list(dict.fromkeys([registry.REFERENCE, *requested]))
+    try:
+        args.variants = _variants(names, args.set, args.sweep)
+    except ValueError as err:
+        parser.error(str(err))
+    args.optimizers = list(args.variants)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be a positive integer, got {args.steps}")
     if args.lr is not None and not args.lr > 0:
@@ -110,7 +140,54 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--lrs must be positive learning rates, got {args.lrs}")
         if args.lr is not None:
             parser.error("--lr and --lrs exclude each other")
+    if args.seeds is not None:
+        try:
+            args.seeds = [int(v) for v in _split([args.seeds])]
+        except ValueError:
+            parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+        if not args.seeds:
+            parser.error("--seeds needs at least one seed")
+        if args.lrs is not None:
+            parser.error("--seeds and --lrs exclude each other (run one sweep per seed)")
     return args
+
+
+def _assignment(text: str, option: str) -> tuple[str, str, str]:
+    """``NAME.KEY=VALUE`` -> ``(NAME, KEY, VALUE)``, NAME registered."""
+    target, sep, value = text.partition("=")
+    name, dot, key = target.partition(".")
+    if not (sep and dot and name and key.isidentifier()):
+        raise ValueError(f"{option} takes NAME.KEY=VALUE, got {text!r}")
+    registry.get(name)
+    return name, key, value
+
+
+def _variants(
+    names: list[str], sets: Sequence[str], sweeps: Sequence[str]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{label: (registered name, keyword overrides)}`` for the run, in ``names``'
+    order: ``--set`` adds overrides to a name, ``--sweep`` makes one variant per value."""
+    fixed: dict[str, dict[str, Any]] = {}
+    for text in sets:
+        name, key, value = _assignment(text, "--set")
+        fixed.setdefault(name, {})[key] = registry.parse_value(value)
+    swept: dict[str, tuple[str, list[Any]]] = {}
+    for text in sweeps:
+        name, key, values = _assignment(text, "--sweep")
+        if name in swept:
+            raise ValueError(f"--sweep: one sweep per optimizer ({name!r} has two)")
+        swept[name] = (key, [registry.parse_value(v) for v in _split([values])])
+    unknown = [n for n in [*fixed, *swept] if n not in names]
+    if unknown:
+        raise ValueError(f"--set/--sweep name optimizers that do not run: {unknown}")
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in names:
+        key, values = swept.get(name, (None, [None]))
+        for value in values:
+            overrides = {**fixed.get(name, {}), **({} if key is None else {key: value})}
+            label, _ = registry.variant(name, overrides)
+            out[label] = (name, overrides)
+    return out
 
 
 def check_extras() -> None:
@@ -121,6 +198,20 @@ def check_extras() -> None:
             f"python -m lowbit_optax.bench needs {', '.join(missing)}: "
             "install them with `pip install 'lowbit-optax[examples]'`"
         )
+
+
+def _git_revision() -> str | None:
+    """The checkout's commit, with ``+dirty`` if files differ from it (``None``
+    outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        run = lambda *a: subprocess.run(
+            ["git", *a], cwd=here, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+        rev = run("rev-parse", "HEAD")
+        return rev + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def run_meta(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,7 +237,12 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "lr": args.lr,
         "reference": registry.REFERENCE,
-        "optimizers": {name: registry.get(name).description for name in args.optimizers},
+        "optimizers": {
+            label: registry.get(name).description + (f" with {kw}" if kw else "")
+            for label, (name, kw) in args.variants.items()
+        },
+        "seeds": args.seeds,
+        "git": _git_revision(),
         "tasks": args.task,
         "calibrate": args.calibrate,
         "calibrate_steps": args.calibrate_steps if args.calibrate else None,
@@ -158,7 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; returns the process exit status."""
     args = parse_args(argv)
     check_extras()
-    from lowbit_optax.bench import report, tasks  # needs the extras checked above
+    from lowbit_optax.bench import memory_task, report, tasks  # needs the extras checked above
+
+    runners = (tasks.LMTask(), tasks.DigitsTask(), tasks.UpdateTask(), memory_task.MemoryTask())
+    task_of = {t.name: t for t in runners}
 
     start = time.perf_counter()
     results: dict[str, Any] = {"meta": run_meta(args), "tasks": {}}
@@ -170,8 +269,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         calibrate=args.calibrate,
         calibrate_steps=args.calibrate_steps,
     )
-    factories = {name: registry.get(name).factory() for name in args.optimizers}
+    factories = {
+        label: registry.variant(name, kw)[1] for label, (name, kw) in args.variants.items()
+    }
     runs = [(name, name, settings) for name in args.task]
+    if args.seeds is not None:  # one run per seed, every task
+        runs = [
+            (f"{name}@seed={seed}", name, dataclasses.replace(settings, seed=seed))
+            for name in args.task
+            for seed in args.seeds
+        ]
     if args.lrs is not None:  # a sweep: training tasks only, one run per lr
         runs = [
             (f"{name}@lr={lr:g}", name, dataclasses.replace(settings, lr=lr, time_updates=False))
@@ -182,11 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, name, run_settings in runs:
         task_start = time.perf_counter()
         optimizers = {n: f for n, f in factories.items() if registry.runs_on(n, name)}
-        results["tasks"][key] = tasks.TASKS[name].run(optimizers, run_settings)
+        results["tasks"][key] = task_of[name].run(optimizers, run_settings)
         results["tasks"][key]["wall_s"] = time.perf_counter() - task_start
         print(report.console_table(key, results["tasks"][key]), flush=True)
     if args.lrs is not None:
         results["sweeps"] = report.sweeps(results, args.lrs)
+    if args.seeds is not None:
+        results["seeds"] = report.seed_summary(results, args.seeds)
     results["meta"]["wall_s"] = time.perf_counter() - start
 
     args.out.mkdir(parents=True, exist_ok=True)

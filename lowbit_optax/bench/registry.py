@@ -8,8 +8,10 @@ external baselines. Technique issues add their aliases with ``register``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -33,18 +35,20 @@ class OptimizerSpec:
     tasks: tuple[str, ...] | None = None
     lr_scale: float = 1.0
 
-    def factory(self) -> Factory:
+    def factory(self, **overrides: Any) -> Factory:
         """``make`` with the task's learning rate (a float or a schedule) times
-        ``lr_scale``."""
-        if self.lr_scale == 1.0:
-            return self.make
-        scale = self.lr_scale
+        ``lr_scale`` and keyword ``overrides`` (``--set``, ``--sweep``); an
+        ``lr_scale`` among them replaces the registered one."""
+        overrides = dict(overrides)
+        scale = overrides.pop("lr_scale", self.lr_scale)
 
         def make(lr, **kwargs):
-            scaled = (lambda step: scale * lr(step)) if callable(lr) else scale * lr
-            return self.make(scaled, **kwargs)
+            scaled = lr
+            if scale != 1.0:
+                scaled = (lambda step: scale * lr(step)) if callable(lr) else scale * lr
+            return self.make(scaled, **{**overrides, **kwargs})
 
-        return make
+        return make if (overrides or scale != 1.0) else self.make
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -77,25 +81,53 @@ def register(
     )
 
 
+def base_name(name: str) -> str:
+    """The registered name of a variant label ``name[key=value,...]`` (``variant``)."""
+    return name.split("[", 1)[0]
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set``/``--sweep`` value: a Python literal (``50``, ``0.5``, ``True``,
+    ``(4, 2)``, ``None``), else the string itself (``bfloat16``)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def variant(name: str, overrides: dict[str, Any]) -> tuple[str, Factory]:
+    """``(label, factory)`` of the registered optimizer ``name`` with keyword
+    ``overrides`` (label ``name[key=value,...]``; ``name`` itself without any)."""
+    spec = get(name)
+    if not overrides:
+        return name, spec.factory()
+    label = name + "[" + ",".join(f"{k}={v!r}" for k, v in overrides.items()) + "]"
+    return label.replace("'", ""), spec.factory(**overrides)
+
+
 def runs_on(name: str, task: str) -> bool:
-    """Whether a registered optimizer runs on ``task``."""
-    spec = _REGISTRY.get(name)
+    """Whether a registered optimizer (or a variant of it) runs on ``task``."""
+    spec = _REGISTRY.get(base_name(name))
     return spec is None or spec.tasks is None or task in spec.tasks
 
 
 def event_period(name: str) -> int | None:
-    """Steps between a registered optimizer's periodic extra work, if any."""
+    """Steps between a registered optimizer's periodic extra work, if any (a variant
+    keeps its optimizer's registered period)."""
+    name = base_name(name)
     return _REGISTRY[name].event_period if name in _REGISTRY else None
 
 
 def takes_rules(name: str) -> bool:
-    """Whether a registered optimizer accepts calibrated SlimAdam rules."""
+    """Whether a registered optimizer (or a variant) accepts calibrated SlimAdam rules."""
+    name = base_name(name)
     return name in _REGISTRY and _REGISTRY[name].takes_rules
 
 
 def get(name: str) -> OptimizerSpec:
+    """The registered optimizer ``name`` (that of a variant label ``name[...]``)."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[base_name(name)]
     except KeyError:
         raise ValueError(
             f"unknown optimizer {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
@@ -107,23 +139,29 @@ def names() -> list[str]:
     return [REFERENCE] + [n for n in _REGISTRY if n != REFERENCE]
 
 
+def _alias(fn: Callable[..., optax.GradientTransformation], **defaults: Any) -> Factory:
+    """``make(lr, **kwargs)``: ``fn(lr, **defaults, **kwargs)`` with the benchmark's
+    weight decay (a keyword of every alias); ``kwargs`` win (``--set``, ``--sweep``)."""
+    if "weight_decay_rate" not in defaults and fn is not optax.sgd:
+        defaults = {"weight_decay": WEIGHT_DECAY, **defaults}
+    return lambda lr, **kwargs: fn(lr, **{**defaults, **kwargs})
+
+
 register(
     "adamw",
-    lambda lr: optax.adamw(lr, weight_decay=WEIGHT_DECAY),
+    _alias(optax.adamw),
     "optax.adamw (reference, float32 moments)",
     baseline=True,
 )
 register(
     "adafactor",
-    lambda lr: optax.adafactor(
-        lr, weight_decay_rate=WEIGHT_DECAY, multiply_by_parameter_scale=False
-    ),
+    _alias(optax.adafactor, weight_decay_rate=WEIGHT_DECAY, multiply_by_parameter_scale=False),
     "optax.adafactor (factored second moment, no first moment)",
     baseline=True,
 )
 register(
     "galore",
-    lambda lr: optax.contrib.galore(lr, rank=64, update_proj_gap=200, weight_decay=WEIGHT_DECAY),
+    _alias(optax.contrib.galore, rank=64, update_proj_gap=200, weight_decay=WEIGHT_DECAY),
     "optax.contrib.galore (rank 64, SVD every 200 steps)",
     baseline=True,
     event_period=200,
@@ -132,26 +170,26 @@ register(
 # ---- quantized EMA state ---------------------------------------------------------------
 register(
     "adamw_8bit",
-    lambda lr: lowbit_optax.adamw_8bit(lr, weight_decay=WEIGHT_DECAY),
+    _alias(lowbit_optax.adamw_8bit),
     "lowbit_optax.adamw_8bit (8-bit dynamic-tree moments, blocks of 128)",
 )
 register(
     "adamw_4bit",
-    lambda lr: lowbit_optax.adamw_4bit(lr, weight_decay=WEIGHT_DECAY),
+    _alias(lowbit_optax.adamw_4bit),
     "lowbit_optax.adamw_4bit (4-bit DE first moment, zero-free linear second moment)",
 )
 for _bits in ((4, 2), (3, 3), (2, 2)):
     register(
         f"solo_adamw_{_bits[0]}_{_bits[1]}",
-        lambda lr, bits=_bits: lowbit_optax.solo_adamw(lr, weight_decay=WEIGHT_DECAY, bits=bits),
+        _alias(lowbit_optax.solo_adamw, bits=_bits),
         f"lowbit_optax.solo_adamw(bits={_bits}) (SOLO: log second moment, "
-        f"b1={lowbit_optax.quantized.SOLO_B1[_bits[0]]})",
+        f"b1={lowbit_optax.aliases.SOLO_B1[_bits[0]]})",
     )
 register(
     "adamw_2bit_plain",
-    lambda lr: optax.chain(
-        lowbit_optax.scale_by_quantized_adam(mu_bits=2, nu_bits=2),
-        optax.add_decayed_weights(WEIGHT_DECAY),
+    lambda lr, weight_decay=WEIGHT_DECAY, **kwargs: optax.chain(
+        lowbit_optax.scale_by_quantized_adam(**{"mu_bits": 2, "nu_bits": 2, **kwargs}),
+        optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(lr),
     ),
     "plain 2-bit Adam for contrast (2-bit DE mu, zero-free linear nu, b1=0.9, nearest; "
@@ -161,18 +199,14 @@ register(
 # ---- SNR-selective second moments (SlimAdam) ---------------------------------------------
 register(
     "slim_adamw",
-    lambda lr, rules=None: lowbit_optax.slim_adamw(
-        lr, weight_decay=WEIGHT_DECAY, rules=rules or lowbit_optax.flax_default_rules
-    ),
+    _alias(lowbit_optax.slim_adamw, rules=lowbit_optax.flax_default_rules),
     "lowbit_optax.slim_adamw (float32 mu; nu averaged per leaf: calibrated rules with "
     "--calibrate, else flax_default_rules)",
     takes_rules=True,
 )
 register(
     "slim_adamw_mu4",
-    lambda lr, rules=None: lowbit_optax.slim_adamw(
-        lr, weight_decay=WEIGHT_DECAY, rules=rules or lowbit_optax.flax_default_rules, mu_bits=4
-    ),
+    _alias(lowbit_optax.slim_adamw, rules=lowbit_optax.flax_default_rules, mu_bits=4),
     "lowbit_optax.slim_adamw(mu_bits=4) (4-bit DE mu, blocks of 128; averaged float32 nu)",
     takes_rules=True,
 )
@@ -191,30 +225,30 @@ def _matrices_only(params):
     )
 
 
-_PROJ = dict(rank=0.25, weight_decay=WEIGHT_DECAY, projection_mask=_matrices_only)
+_PROJ = dict(rank=0.25, projection_mask=_matrices_only)
 register(
     "galore_adamw",
-    lambda lr: lowbit_optax.galore_adamw(lr, **_PROJ),
+    _alias(lowbit_optax.galore_adamw, **_PROJ),
     "lowbit_optax.galore_adamw (rank 1/4 of min(m, n), SVD every 200 steps, scale 0.25)",
     event_period=200,
 )
 register(
     "coap_adamw",
-    lambda lr: lowbit_optax.coap_adamw(lr, **_PROJ),
+    _alias(lowbit_optax.coap_adamw, **_PROJ),
     "lowbit_optax.coap_adamw (rank 1/4, P step every 32, recalibration every 160, scale-aware, "
     "2 power iterations at t = 0)",
     event_period=160,
 )
 register(
     "subtrack_adamw",
-    lambda lr: lowbit_optax.subtrack_adamw(lr, **_PROJ),
+    _alias(lowbit_optax.subtrack_adamw, **_PROJ),
     "lowbit_optax.subtrack_adamw (rank 1/4, SVD at step 0, geodesic step every 50, "
     "moments rotated)",
     event_period=200,
 )
 register(
     "coap_adamw_8bit",
-    lambda lr: lowbit_optax.coap_adamw_8bit(lr, **_PROJ),
+    _alias(lowbit_optax.coap_adamw_8bit, **_PROJ),
     "lowbit_optax.coap_adamw_8bit (COAP with 8-bit inner Adam moments in blocks of 64, "
     "bfloat16 projectors)",
     event_period=160,
@@ -225,15 +259,15 @@ register(
 # 3.3M (lm) parameters would not fit, so they run on digits (85k parameters) only
 register(
     "sgd",
-    lambda lr: optax.sgd(lr, momentum=0.9),
+    _alias(optax.sgd, momentum=0.9),
     "optax.sgd (momentum 0.9; the reference for error-feedback SGD)",
     baseline=True,
     lr_scale=30.0,
 )
 register(
     "ef_top_k_sgd",
-    lambda lr: optax.chain(
-        lowbit_optax.error_feedback(lowbit_optax.top_k(0.01)), optax.sgd(lr, momentum=0.9)
+    lambda lr, density=0.01, momentum=0.9: optax.chain(
+        lowbit_optax.error_feedback(lowbit_optax.top_k(density)), optax.sgd(lr, momentum)
     ),
     "lowbit_optax.error_feedback(top_k(0.01)) then optax.sgd (momentum 0.9): 1% of each "
     "leaf's entries per step",
@@ -241,26 +275,26 @@ register(
 )
 register(
     "mfac",
-    lambda lr: lowbit_optax.mfac(lr, weight_decay=WEIGHT_DECAY),
+    _alias(lowbit_optax.mfac),
     "lowbit_optax.mfac (dense window of m = 1024 gradients, damping 1e-4)",
     tasks=("digits",),
 )
 register(
     "sparse_mfac",
-    lambda lr: lowbit_optax.sparse_mfac(lr, weight_decay=WEIGHT_DECAY),
+    _alias(lowbit_optax.sparse_mfac),
     "lowbit_optax.sparse_mfac (m = 1024, error-feedback top-k at 1% density, damping 1e-4)",
     tasks=("digits", "lm"),
 )
 register(
     "ggt",
-    lambda lr: lowbit_optax.ggt(lr, weight_decay=WEIGHT_DECAY),
+    _alias(lowbit_optax.ggt),
     "lowbit_optax.ggt (dense window of r = 100 gradients, eps 1e-5)",
     tasks=("digits",),
     lr_scale=300.0,
 )
 register(
     "sparse_ggt",
-    lambda lr: lowbit_optax.sparse_ggt(lr, weight_decay=WEIGHT_DECAY),
+    _alias(lowbit_optax.sparse_ggt),
     "lowbit_optax.sparse_ggt (r = 100, error-feedback top-k at 1% density, eps 1e-5)",
     tasks=("digits", "lm"),
     lr_scale=300.0,

@@ -251,6 +251,7 @@ def markdown(results: Results) -> str:
         f"lowbit_optax {meta['lowbit_optax']}, python {meta['python']}",
         f"- seed: {meta['seed']}, quick: {meta['quick']}, reference: {meta['reference']}",
         f"- command: `{meta['command']}`",
+        f"- git revision: {meta.get('git') or 'unknown'}",
         f"- wall time: {meta['wall_s']:.0f} s",
         "- optimizers:",
         *(f"  - `{name}`: {desc}" for name, desc in meta["optimizers"].items()),
@@ -272,7 +273,68 @@ def markdown(results: Results) -> str:
     for name, sweep in results.get("sweeps", {}).items():
         lines += [f"## Learning-rate sweep: {name}", "", "Final eval loss per learning rate.", ""]
         lines += [sweep_table(sweep), ""]
+    for name, summary in results.get("seeds", {}).items():
+        lines += [f"## Seeds: {name}", "", SEED_NOTES, "", seed_table(summary), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+SEED_NOTES = (
+    "Final eval loss per seed; mean and standard error (sample standard deviation over "
+    "sqrt(seeds)); and the mean over seeds of the relative difference to the reference "
+    "on the same seed, in percent, with its standard error."
+)
+
+
+def seed_summary(results: Results, seeds: list[int]) -> Results:
+    """Per training task run with ``--seeds``: every optimizer's final eval loss per
+    seed, their mean and standard error, and the mean paired relative difference (%)
+    to the reference's loss on the same seed, with its standard error."""
+    out: Results = {}
+    for key, task in results["tasks"].items():
+        name, sep, seed = key.partition("@seed=")
+        if not sep or not any(r.get("eval_loss") is not None for r in task["results"].values()):
+            continue  # not a training task (update, memory)
+        summary = out.setdefault(name, {"seeds": list(seeds), "eval_loss": {}})
+        for opt, rec in task["results"].items():
+            losses = summary["eval_loss"].setdefault(opt, [None] * len(seeds))
+            losses[seeds.index(int(seed))] = rec.get("eval_loss")
+    ref = results["meta"]["reference"]
+    for summary in out.values():
+        base = summary["eval_loss"].get(ref)
+        summary["mean"], summary["stderr"], summary["vs_reference"] = {}, {}, {}
+        for opt, losses in summary["eval_loss"].items():
+            summary["mean"][opt], summary["stderr"][opt] = _mean_se(losses)
+            rel = [
+                None if v is None or b is None else 100.0 * (v - b) / b
+                for v, b in zip(losses, base or [None] * len(losses), strict=True)
+            ]
+            summary["vs_reference"][opt] = _mean_se(rel)
+    return out
+
+
+def _mean_se(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and standard error of the finite values (``None`` where there are none,
+    standard error ``None`` for one value)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None, None
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
+    return mean, math.sqrt(var / len(finite))
+
+
+def seed_table(summary: Results) -> str:
+    """Markdown: optimizers x seeds, final eval loss, mean +- se, vs reference."""
+    rows = {}
+    for opt, losses in summary["eval_loss"].items():
+        rel, rel_se = summary["vs_reference"][opt]
+        mean, se = summary["mean"][opt], summary["stderr"][opt]
+        rows[opt] = [*(fmt(v, ".4f") for v in losses), fmt(mean, ".4f"), fmt(se, ".4f")]
+        rows[opt].append(f"{fmt(rel, '+.3f')} +- {fmt(rel_se, '.3f')}")
+    columns = [*(f"seed {s}" for s in summary["seeds"]), "mean", "se", "vs ref %"]
+    return _optimizer_table(columns, rows)
 
 
 def sweeps(results: Results, lrs: list[float]) -> Results:
@@ -298,21 +360,24 @@ def sweeps(results: Results, lrs: list[float]) -> Results:
     return out
 
 
+def _optimizer_table(columns: list[str], rows: dict[str, list[str]]) -> str:
+    """Markdown: one row of cells per optimizer under ``columns``, numbers right-aligned."""
+    lines = ["| optimizer | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {opt} | " + " | ".join(cells) + " |" for opt, cells in rows.items()]
+    return "\n".join(lines)
+
+
 def sweep_table(sweep: Results) -> str:
     """Markdown: optimizers x learning rates, final eval loss, best lr in bold."""
-    lrs = sweep["lrs"]
-    lines = [
-        "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |",
-        "|---|" + "---:|" * (len(lrs) + 1),
-    ]
+    rows = {}
     for opt, losses in sweep["eval_loss"].items():
         best = sweep["best_lr"][opt]
         cells = [
             ("**" + fmt(v, ".4f") + "**") if lr == best else fmt(v, ".4f")
-            for v, lr in zip(losses, lrs, strict=True)
+            for v, lr in zip(losses, sweep["lrs"], strict=True)
         ]
-        lines.append(f"| {opt} | " + " | ".join(cells) + f" | {fmt(best, 'g')} |")
-    return "\n".join(lines)
+        rows[opt] = [*cells, fmt(best, "g")]
+    return _optimizer_table([*(f"lr {lr:g}" for lr in sweep["lrs"]), "best lr"], rows)
 
 
 def _calibration_lines(cal: Results) -> list[str]:

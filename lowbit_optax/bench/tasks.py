@@ -182,7 +182,7 @@ def _train_step(
     return step
 
 
-def _make_trials(
+def make_trials(
     optimizers: Mapping[str, registry.Factory], lr: optax.ScalarOrSchedule
 ) -> list[Trial]:
     """One trial per optimizer; a factory that raises gives an errored trial."""
@@ -197,7 +197,7 @@ def _make_trials(
     return trials
 
 
-def _alive(trials: list[Trial]) -> list[Trial]:
+def alive(trials: list[Trial]) -> list[Trial]:
     return [t for t in trials if t.record["status"] == "ok"]
 
 
@@ -226,7 +226,7 @@ def _setup_all(
 ) -> dict[str, DonatedLoop]:
     """Runs ``setup`` for each live trial; one that raises is marked and dropped."""
     loops = {}
-    for trial in _alive(trials):
+    for trial in alive(trials):
         try:
             loops[trial.name] = setup(trial)
         except Exception as err:
@@ -269,7 +269,7 @@ def time_amortized(
     ``update_amortized_ms`` is the mean time per update over all the runs (a median
     would pick runs with fewer events where a period does not divide the window) and
     ``update_amortized_ratio`` its ratio to the reference's."""
-    live = {t.name for t in _alive(trials)} & set(loops)
+    live = {t.name for t in alive(trials)} & set(loops)
     periods = {n: registry.event_period(n) for n in live}
     periods = {n: p for n, p in periods.items() if p}
     if not periods or registry.REFERENCE not in live:
@@ -369,7 +369,7 @@ class TrainingTask:
                 n: functools.partial(make, rules=rules) if registry.takes_rules(n) else make
                 for n, make in optimizers.items()
             }
-        trials = _make_trials(optimizers, _schedule(plan))
+        trials = make_trials(optimizers, _schedule(plan))
         rounds = plan.rounds if settings.time_updates else 0
         total = len(trials) * (rounds + plan.steps)
         with tqdm(total=total, desc=self.name, unit="step", leave=False) as bar:
@@ -491,7 +491,7 @@ class TrainingTask:
 
         samples: dict[str, list[float]] = {name: [] for name in loops}
         for start, end, evaluate in chunks:
-            live = [t.name for t in _alive(trials) if t.name in loops]
+            live = [t.name for t in alive(trials) if t.name in loops]
             runs = {name: chunk_runner(name, start, end, evaluate) for name in live}
             chunk_samples, errors = round_robin(runs, 1, lambda _, n=end - start: bar.update(n))
             _fail(trials, errors)
@@ -683,7 +683,7 @@ class UpdateTask:
             layer, name = path.split("/")
             abstract.setdefault(layer, {})[name] = jax.ShapeDtypeStruct(shape, jnp.float32)
         params0 = _random_like(abstract, settings.seed, scale=0.02)
-        trials = _make_trials(optimizers, plan.lr)
+        trials = make_trials(optimizers, plan.lr)
         with tqdm(total=len(trials) * plan.rounds, desc=self.name, leave=False) as bar:
             time_updates(trials, params0, plan, settings.seed, bar)
         for trial in trials:
@@ -698,121 +698,3 @@ class UpdateTask:
             "device_peak_bytes": device_peak_bytes(),
         }
         return {"config": config, "results": {t.name: t.record for t in trials}}
-
-
-class MemoryTask:
-    """Compile-only memory of every optimizer on two decoder shapes (nothing allocated).
-
-    Per optimizer and model: the exact state bytes and XLA's planned peak
-    (``lowbit_optax.step_memory``: arguments + outputs - aliased + temporaries) of the
-    donated update and of the donated training step (batch 4 x 256 tokens, small so
-    that the optimizer state matters), in bytes per parameter, next to ``optax.adamw``'s.
-    ``update_limit`` is params + grads + state + 1 byte/param; ``step_saving`` is the
-    step-peak saving over adamw's divided by the state saving (1.0: every byte saved in
-    the state is saved in the step).
-    """
-
-    name = "memory"
-    batch: ClassVar[tuple[int, int]] = (4, 256)
-
-    def models(self, quick: bool) -> dict[str, models.LMConfig]:
-        """GPT-2 small (124M, tied embeddings) and a 1B decoder; a tiny one with quick."""
-        if quick:
-            return {
-                "tiny_tied": models.LMConfig(
-                    vocab_size=512, width=64, depth=2, heads=4, seq_len=64, tie_embeddings=True
-                ),
-            }
-        return {
-            "gpt2_small": models.LMConfig(
-                vocab_size=50257, width=768, depth=12, heads=12, seq_len=1024, tie_embeddings=True
-            ),
-            "decoder_1b": models.LMConfig(
-                vocab_size=32000, width=2048, depth=18, heads=16, seq_len=2048
-            ),
-        }
-
-    def run(self, optimizers: Mapping[str, registry.Factory], settings: Settings) -> Record:
-        """Compiles every optimizer's update and training step on each model's shapes."""
-        lr = settings.lr if settings.lr is not None else 1e-3
-        trials = _make_trials(optimizers, lr)
-        configs = self.models(settings.quick)
-        batch_len = (2, 32) if settings.quick else self.batch
-        config: Record = {"models": {}, "batch": list(batch_len), "lr": lr}
-        with tqdm(total=len(trials) * len(configs), desc=self.name, leave=False) as bar:
-            for model_name, cfg in configs.items():
-                params, loss_fn = _abstract_lm(cfg)
-                tokens = jax.ShapeDtypeStruct(batch_len, jnp.int32)
-                n = num_params(params)
-                config["models"][model_name] = {**dataclasses.asdict(cfg), "num_params": n}
-                for trial in _alive(trials):
-                    bar.set_postfix_str(f"{model_name}: {trial.name}")
-                    try:
-                        mem = lowbit_optax.step_memory(trial.tx, params, loss_fn, (tokens, tokens))
-                    except Exception as err:  # one optimizer failing must not end the run
-                        trial.record["status"] = describe_error(err)
-                        continue
-                    trial.record.setdefault("memory", {})[model_name] = _memory_record(mem)
-                    bar.update()
-        for trial in _alive(trials):
-            first = next(iter(trial.record["memory"].values()))
-            trial.record.update(
-                state_bytes=first["state_bytes"],
-                num_params=first["num_params"],
-                bytes_per_param=first["state"],
-            )
-        _compare_to_reference(trials)
-        config["num_params"] = next(iter(config["models"].values()))["num_params"]
-        return {"config": config, "results": {t.name: t.record for t in trials}}
-
-
-def _abstract_lm(cfg: models.LMConfig) -> tuple[Any, Callable[[Any, Batch], jax.Array]]:
-    """Abstract params (``jax.ShapeDtypeStruct``s) and the loss of a TransformerLM."""
-    model = nnx.eval_shape(lambda: models.TransformerLM(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params)
-    )
-
-    def loss_fn(p: Any, batch: Batch) -> jax.Array:
-        return models.lm_loss(nnx.merge(graphdef, p, rest), *batch)
-
-    return params, loss_fn
-
-
-def _memory_record(mem: lowbit_optax.StepMemory) -> Record:
-    n = mem.num_params
-    per = mem.bytes_per_param()
-    return {
-        "num_params": n,
-        "state_bytes": mem.state_bytes,
-        "state": per["state"],
-        "update_peak": per["update_peak"],
-        "update_temp": per["update_temp"],
-        "step_peak": per["train_step_peak"],
-        "update_limit": (2 * mem.param_bytes + mem.state_bytes) / n + 1.0,
-        "update": dataclasses.asdict(mem.update),
-        "train_step": dataclasses.asdict(mem.train_step),
-    }
-
-
-def _compare_to_reference(trials: list[Trial]) -> None:
-    """``step_saving`` of each model: (reference step peak - step peak) over (reference
-    state - state), where the state is smaller than the reference's."""
-    ref = next((t for t in trials if t.name == registry.REFERENCE), None)
-    if ref is None or "memory" not in ref.record:
-        return
-    for trial in _alive(trials):
-        for model_name, rec in trial.record.get("memory", {}).items():
-            r = ref.record["memory"].get(model_name)
-            saved_state = None if r is None else r["state"] - rec["state"]
-            rec["step_saving"] = (
-                (r["step_peak"] - rec["step_peak"]) / saved_state
-                if saved_state is not None and saved_state > 1e-9
-                else None
-            )
-
-
-TASKS: dict[str, Task] = {
-    task.name: task for task in (LMTask(), DigitsTask(), UpdateTask(), MemoryTask())
-}

@@ -1,0 +1,306 @@
+"""Projectors of ``low_rank_projection``: how the subspace ``S`` of a gradient moves.
+
+Everything here works on one gradient oriented ``Gk`` (``K x M``, ``K <= M``) and an
+orthonormal ``S`` (``K x r``); ``low_rank_projection`` (``projection.py``) orients the
+parameter's gradient and calls ``Projector.refresh`` at each event. The three projectors,
+their papers and decisions are described in ``projection``'s module docstring.
+
+References:
+  Zhao et al., GaLore, ICML 2024 (arXiv 2403.03507).
+  Xiao et al., COAP, arXiv 2412.00071.
+  Rajabi et al., SubTrack your Grad, arXiv 2502.01586 (and SubTrack++).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "COAPProjector",
+    "Projector",
+    "SVDProjector",
+    "SubTrackProjector",
+    "coap_loss",
+    "coap_loss_grad",
+    "geodesic_step",
+    "geodesic_step_projected",
+    "projector_of",
+    "top_subspace",
+]
+
+
+# ------------------------------------------------------------------------------------
+# Projectors: the math on one oriented gradient Gk (K x M, K <= M), S (K x r)
+# ------------------------------------------------------------------------------------
+
+
+def top_subspace(gk: jax.Array, r: int) -> jax.Array:
+    """Top-``r`` left singular vectors of ``gk`` (float32 SVD)."""
+    return top_subspace_projected(gk, r)[0]
+
+
+def top_subspace_projected(gk: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+    """``(S, S^T Gk)`` for the top-``r`` singular subspace; ``S^T Gk = Sigma_r V_r^T``
+    comes from the SVD itself (no ``K x M x r`` product)."""
+    u, sv, vt = jnp.linalg.svd(gk, full_matrices=False)
+    return u[:, :r], sv[:r, None] * vt[:r]
+
+
+def range_finder_projected(gk: jax.Array, y: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+    """Randomized range finder (Halko et al.) from the sketched range ``Y = Gk Omega``
+    (``K x w``): ``Q = qr(Y)``, then the SVD of the small ``Q^T Gk`` rotates ``Q`` onto
+    the top singular directions, kept to ``r`` columns. Returns ``(S, S^T Gk)``, with
+    ``S^T Gk = Ub_r^T (Q^T Gk)`` from the small matrix already formed (no ``K x M x r``
+    product). (An eigh of the ``w x w`` Gram of ``Q^T Gk`` is cheaper on XLA CPU, but its
+    basis moved between sharded and single-device runs beyond the battery's tolerance.)"""
+    q, _ = jnp.linalg.qr(y)
+    b = q.T @ gk
+    ub, _, _ = jnp.linalg.svd(b, full_matrices=False)
+    ub = ub[:, :r]
+    return q @ ub, ub.T @ b
+
+
+def coap_loss(s: jax.Array, gk: jax.Array, mk: jax.Array) -> jax.Array:
+    """COAP's projection loss ``mean((S S^T Gk - Gk)**2) * (1 - mean_j cos(S Mk_j, Gk_j))``
+    (columns ``j`` of ``Gk`` are the rows of ``G`` in the paper's right case)."""
+    err = s @ (s.T @ gk) - gk
+    a = s @ mk
+    sa, sg = jnp.sum(a**2, axis=0), jnp.sum(gk**2, axis=0)
+    ok = (sa > 0) & (sg > 0)  # a zero column has cosine 0 (and a finite gradient)
+    norms = jnp.sqrt(jnp.where(ok, sa, 1.0)) * jnp.sqrt(jnp.where(ok, sg, 1.0))
+    cos = jnp.where(ok, jnp.sum(a * gk, axis=0) / norms, 0.0)
+    return jnp.mean(err**2) * (1.0 - jnp.mean(cos))
+
+
+def coap_loss_grad(
+    s: jax.Array, gk: jax.Array, mk: jax.Array, a: jax.Array | None = None
+) -> jax.Array:
+    """Analytic gradient of ``coap_loss`` with respect to ``S``, in two ``K x M x r``
+    products (``A = S^T Gk``, or the ``a`` given, and one ``Gk X``); a direct evaluation
+    takes eight.
+
+    With ``A = S^T Gk``, ``P = S^T S`` and ``E = S A - Gk``:
+    ``|E|^2 = <P, A A^T> - 2 |A|^2 + |Gk|^2`` and its gradient
+    ``2 (E A^T + Gk E^T S) = 2 (S A A^T + Gk A^T (P - 2 I))``. The cosine of column ``j``,
+    ``c_j = m_j.A_j / (|a_j| |g_j|)`` with ``a_j = S m_j`` and ``|a_j|^2 = m_j^T P m_j``,
+    has mean gradient ``(1/M) (Gk W1 Mk^T - S Mk W2 Mk^T)`` with
+    ``W1 = diag(1 / (|a_j||g_j|))`` and ``W2 = diag(c_j / |a_j|^2)`` (a zero column
+    contributes 0). The ``Gk``-products of both parts share one ``Gk X``, the
+    ``S``-products one ``S Y``. (Tested against ``jax.grad`` of ``coap_loss``.)
+    """
+    k, m = gk.shape
+    r = s.shape[1]
+    a = s.T @ gk if a is None else a  # r x M
+    p = s.T @ s
+    aat = a @ a.T
+    sg = jnp.sum(gk**2, axis=0)
+    mse = jnp.maximum(jnp.sum(p * aat) - 2.0 * jnp.sum(a**2) + jnp.sum(sg), 0.0) / (k * m)
+    sa = jnp.sum(mk * (p @ mk), axis=0)  # |a_j|^2
+    ok = (sa > 0) & (sg > 0)  # a zero column has cosine 0 (and a finite gradient)
+    na, ng = jnp.sqrt(jnp.where(ok, sa, 1.0)), jnp.sqrt(jnp.where(ok, sg, 1.0))
+    cos = jnp.where(ok, jnp.sum(mk * a, axis=0) / (na * ng), 0.0)
+    w1 = jnp.where(ok, 1.0 / (na * ng), 0.0)
+    w2 = jnp.where(ok, cos / na**2, 0.0)
+    c_mse = 2.0 * (1.0 - jnp.mean(cos)) / (k * m)
+    c_cos = mse / m
+    x = c_mse * (a.T @ (p - 2.0 * jnp.eye(r, dtype=p.dtype))) - c_cos * (mk * w1).T
+    y = c_mse * aat + c_cos * ((mk * w2) @ mk.T)
+    return gk @ x + s @ y
+
+
+def geodesic_step(s: jax.Array, gk: jax.Array, step_size: float | jax.Array) -> jax.Array:
+    """One SubTrack step on the Grassmannian, downhill on ``|Gk - S S^T Gk|^2``, with the
+    scale-free angle ``step_size * sigma / |Gk|_F^2``. Keeps ``S`` orthonormal."""
+    return _geodesic(s, gk, s.T @ gk, step_size)[0]
+
+
+def geodesic_step_projected(
+    s: jax.Array, gk: jax.Array, a: jax.Array, step_size: float | jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``geodesic_step`` given ``A = S^T Gk``; also returns ``S_new^T Gk``.
+
+    The step is a rank-1 update ``S_new = S + w v^T`` with
+    ``w = S v (cos(theta) - 1) - u sin(theta)``, so
+    ``S_new^T Gk = A + v ((cos(theta) - 1) v^T A - sin(theta) u^T Gk)``: one ``K x M``
+    matrix-vector product instead of a ``K x M x r`` product.
+    """
+    s_new, v, q = _geodesic(s, gk, a, step_size)
+    return s_new, a + jnp.outer(v, q)
+
+
+def _geodesic(s, gk, a, step_size):
+    """``(S_new, v, q)`` of the geodesic step, with ``S_new^T Gk = A + v q^T``."""
+    # Riemannian gradient of the loss, K x r: -2 R A^T with R = Gk - S A, evaluated as
+    # -2 (Gk A^T - S (A A^T)), one K x M x r product fewer
+    tangent = -2.0 * (gk @ a.T - s @ (a @ a.T))
+    # top singular triplet from the r x r Gram matrix (an r x r eigh instead of a K x r
+    # SVD, much cheaper on XLA CPU): v the top eigenvector, sigma = sqrt(lambda), u = T v / sigma
+    evals, evecs = jnp.linalg.eigh(tangent.T @ tangent)
+    v1 = evecs[:, -1]
+    s1 = jnp.sqrt(jnp.maximum(evals[-1], 0.0))
+    tv = tangent @ v1
+    u1 = jnp.where(s1 > 0, tv / jnp.where(s1 > 0, s1, 1.0), 0.0)
+    energy = jnp.sum(gk**2)
+    theta = jnp.where(energy > 0, step_size * s1 / jnp.where(energy > 0, energy, 1.0), 0.0)
+    cos1, sin = jnp.cos(theta) - 1.0, jnp.sin(theta)
+    s_new = s + jnp.outer((s @ v1) * cos1 - u1 * sin, v1)
+    return s_new, v1, cos1 * (v1 @ a) - sin * (u1 @ gk)
+
+
+class Projector(abc.ABC):
+    """A projector value: how ``S`` (``K x r``, orthonormal columns) changes at an event
+    (``count % interval == 0``, ``count`` before the increment)."""
+
+    @abc.abstractmethod
+    def refresh(
+        self,
+        *,
+        s: jax.Array,
+        gk: jax.Array,
+        a: jax.Array,
+        mk: jax.Array,
+        count: jax.Array,
+        interval: int,
+        key: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """The new ``S`` and the new projected gradient ``S_new^T Gk``.
+
+        Args:
+          s: the current ``S`` (float32); at ``count == 0``, the first event, the
+            placeholder ``init`` made (the first ``r`` columns of the identity).
+          gk: the gradient oriented ``K x M`` (float32).
+          a: ``S^T Gk`` (``r x M``), which the step formed anyway.
+          mk: the inner first moment in ``A``'s orientation (``r x M``; ``a`` when the
+            inner state has none).
+          count: the step count before the increment.
+          interval: steps between events (``update_interval``).
+          key: a PRNG key for this leaf and step.
+
+        Returns:
+          ``(S_new, S_new^T Gk)``, float32, ``K x r`` and ``r x M``.
+        """
+
+
+@dataclasses.dataclass(frozen=True)
+class SVDProjector(Projector):
+    """GaLore: the top-``r`` singular subspace from a full float32 SVD at every event."""
+
+    def refresh(self, *, s, gk, a, mk, count, interval, key):
+        del a, mk, count, interval, key
+        return top_subspace_projected(gk, s.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class COAPProjector(Projector):
+    """COAP: randomized range finder at ``t = 0``, warm-started recalibration every
+    ``update_interval * reproject_factor`` steps, one SGD step on ``S`` of the
+    correlation-aware loss at the other events.
+
+    Attributes:
+      reproject_factor: ``rho``; events between two recalibrations are SGD steps.
+      lr: SGD learning rate on ``S`` (paper: 0.1); the gradient is clipped to norm 1.
+      scale_aware: evaluate the loss on ``Gk / rms(Gk)`` and ``Mk / rms(Mk)`` so the
+        step does not vanish at small gradient scales (the paper's form: ``False``).
+      oversample: extra sketch columns of the range finder (``r + oversample`` kept to
+        ``r`` after the small SVD).
+      power_iters: block power iterations of the first range finder (``t = 0``), each
+        ``Y <- Gk Gk^T qr(Y)``; the paper's one-pass finder is ``0``.
+    """
+
+    reproject_factor: int = 5
+    lr: float = 0.1
+    scale_aware: bool = False
+    oversample: int = 0
+    power_iters: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reproject_factor, int) or self.reproject_factor < 1:
+            raise ValueError(
+                f"reproject_factor must be a positive int, got {self.reproject_factor!r}"
+            )
+        if not isinstance(self.oversample, int) or self.oversample < 0:
+            raise ValueError(f"oversample must be a non-negative int, got {self.oversample!r}")
+        if not isinstance(self.power_iters, int) or self.power_iters < 0:
+            raise ValueError(f"power_iters must be a non-negative int, got {self.power_iters!r}")
+
+    def p_step(
+        self, s: jax.Array, gk: jax.Array, mk: jax.Array, a: jax.Array | None = None
+    ) -> jax.Array:
+        """One clipped SGD step on the COAP loss (``a``: ``S^T Gk`` if already formed)."""
+        if self.scale_aware:
+            rms = lambda x: jnp.sqrt(jnp.mean(x**2))
+            g_rms = jnp.maximum(rms(gk), 1e-30)
+            gk = gk / g_rms
+            a = None if a is None else a / g_rms
+            mk = mk / jnp.maximum(rms(mk), 1e-30)
+        grad = coap_loss_grad(s, gk, mk, a)
+        norm = jnp.linalg.norm(grad)
+        grad = grad * jnp.minimum(1.0, 1.0 / jnp.maximum(norm, 1e-30))
+        return s - self.lr * grad
+
+    def refresh(self, *, s, gk, a, mk, count, interval, key):
+        r = s.shape[1]
+        width = min(r + self.oversample, gk.shape[0])
+
+        def first():
+            sketch = jax.random.normal(key, (gk.shape[1], width), jnp.float32)
+            y = gk @ sketch
+            for _ in range(self.power_iters):
+                y = gk @ (gk.T @ jnp.linalg.qr(y)[0])
+            return range_finder_projected(gk, y, r)
+
+        def warm():  # one block power iteration from the old subspace: Y = Gk Gk^T S
+            return range_finder_projected(gk, gk @ a.T, r)
+
+        def step():
+            s_new = self.p_step(s, gk, mk, a)
+            return s_new, s_new.T @ gk
+
+        big = interval * self.reproject_factor
+        index = jnp.where(count == 0, 0, jnp.where(count % big == 0, 1, 2))
+        return jax.lax.switch(index, [first, warm, step])
+
+
+@dataclasses.dataclass(frozen=True)
+class SubTrackProjector(Projector):
+    """SubTrack-Grad: an SVD at ``t = 0``, then one Grassmannian geodesic step per event.
+
+    Attributes:
+      step_size: scale-free step; the rotation angle is ``step_size * sigma / |G|_F^2``
+        with ``sigma`` the top singular value of the tangent ``-2 R A^T``
+        (``sigma / |G|^2 <= 1``).
+    """
+
+    step_size: float = 1.0
+
+    def refresh(self, *, s, gk, a, mk, count, interval, key):
+        del mk, interval, key
+        first = lambda: top_subspace_projected(gk, s.shape[1])
+        return jax.lax.cond(
+            count == 0, first, lambda: geodesic_step_projected(s, gk, a, self.step_size)
+        )
+
+
+NAMED = {
+    "svd": SVDProjector,
+    "galore": SVDProjector,
+    "coap": COAPProjector,
+    "subtrack": SubTrackProjector,
+}
+
+
+def projector_of(p: Any) -> Projector:
+    """``p`` if a ``Projector``, else the projector named ``p`` with its defaults."""
+    if isinstance(p, Projector):
+        return p
+    if isinstance(p, str) and p in NAMED:
+        return NAMED[p]()
+    raise ValueError(
+        f"projector must be a Projector value (SVDProjector(), COAPProjector(...), "
+        f"SubTrackProjector(...)) or one of {sorted(NAMED)}, got {p!r}"
+    )
