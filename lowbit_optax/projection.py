@@ -472,7 +472,7 @@ class _MomentView:
     is used), as ``optax.ScaleByAdamState``. ``moment_betas`` gives its betas."""
 
     def __init__(self, cfg: _Config, state: LowRankProjectionState, treedef: Any):
-        self.cfg, self.count = cfg, state.count
+        self.count = state.count
         self.mu = _inner_mu(state.inner_state, treedef)
         self.moments = None
         if cfg.moments != "keep":
