@@ -33,6 +33,12 @@ from lowbit_optax.memory import (
     state_bytes,
     step_memory,
 )
+from lowbit_optax.moments import (
+    AdamLike,
+    MomentAccess,
+    field_access,
+    scale_by_adam_like,
+)
 from lowbit_optax.preconditioners import (
     ScaleByWindowState,
     scale_by_ggt,
@@ -83,6 +89,7 @@ from lowbit_optax.slim.transform import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AdamLike",
     "COAPProjector",
     "Codec",
     "CompiledMemory",
@@ -91,6 +98,7 @@ __all__ = [
     "LeafMemory",
     "LowRankProjectionState",
     "MemoryReport",
+    "MomentAccess",
     "QuantizedArray",
     "SNRCalibrationState",
     "SVDProjector",
@@ -109,6 +117,7 @@ __all__ = [
     "dynamic_exponent_levels",
     "dynamic_tree_levels",
     "error_feedback",
+    "field_access",
     "flax_default_rules",
     "galore_adamw",
     "ggt",
@@ -125,6 +134,7 @@ __all__ = [
     "rules_from_json",
     "rules_from_snr",
     "rules_to_json",
+    "scale_by_adam_like",
     "scale_by_ggt",
     "scale_by_mfac",
     "scale_by_quantized_adam",

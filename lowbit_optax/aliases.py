@@ -18,6 +18,7 @@ import optax
 
 from lowbit_optax._util import forwarding_signature
 from lowbit_optax.error_feedback import top_k
+from lowbit_optax.moments import scale_by_adam_like
 from lowbit_optax.preconditioners import scale_by_ggt, scale_by_mfac
 from lowbit_optax.projection import (
     COAPProjector,
@@ -465,7 +466,7 @@ def subtrack_adamw(
       Efficient Full-Parameter LLM Training, arXiv 2502.01586 (and SubTrack++).
     """
     projected = low_rank_projection(
-        optax.scale_by_adam(b1, b2, eps),
+        scale_by_adam_like(b1, b2, eps),
         rank=rank,
         projector=SubTrackProjector(step_size),
         update_interval=update_interval,
@@ -475,7 +476,6 @@ def subtrack_adamw(
         moments=moments,
         proj_dtype=proj_dtype,
         recover=recover,
-        moment_betas=(b1, b2),
     )
     return optax.chain(
         projected,

@@ -44,15 +44,18 @@ pre-increment step count ``t`` (``t = 0, T, 2T, ...``, ``T = update_interval``):
 ``reset`` (zero the inner ``mu``/``nu`` of that leaf) or ``rotate`` (SubTrack++: with
 ``C = S_new^T S_old``, the mean rotates as ``M <- C M`` and the second moment as
 mean-square = variance + mean**2, the variance rotated with ``C**2``).
-``reset``/``rotate`` need an inner state with float ``mu`` and ``nu`` fields (e.g.
-``optax.scale_by_adam``). **Decision (rotate):** the paper writes
+``reset``/``rotate`` reach the inner moments through the moment protocol of
+``lowbit_optax.moments``: an ``AdamLike`` inner (``scale_by_adam_like``,
+``scale_by_quantized_adam``) carries its access and its betas; any other state needs
+float ``mu`` and ``nu`` fields (``optax.scale_by_adam``). **Decision (rotate):** the paper writes
 ``V <- max(0, C**2 (V - M**2) + (C M)**2)`` on Adam's raw moments. Those are biased
 differently (``(1 - b1**t)`` and ``(1 - b2**t)``): after ``t`` steps of a steady gradient
 ``g``, ``V - M**2 = ((1 - b2**t) - (1 - b1**t)**2) g**2``, strongly negative early in
 training, so ``C**2`` mixes negative "variances" into coordinates and can drive ``V`` to
 ~0 under a large ``M``: the next Adam step blows up (we saw an 8-step loss go 2.6 -> 0.7
 -> 4.0 with an event every 2 steps). We rotate the bias-corrected moments
-(``moment_betas=(b1, b2)``, the inner Adam's, with its step count ``t``): with
+(with the inner Adam's betas, from its ``MomentAccess`` or ``moment_betas``, and its
+step count ``t``): with
 ``rho = (1 - b2**t) / (1 - b1**t)**2``, ``M <- C M`` and
 ``V <- C**2 max(0, V - rho M**2) + rho (C M)**2``, i.e. ``v_hat <- C**2 max(0, v_hat -
 m_hat**2) + (C m_hat)**2``. A steady gradient then has zero variance and rotates to
@@ -84,6 +87,7 @@ import optax
 
 from lowbit_optax._driver import EMPTY, Chain, init_leaves, map_rows
 from lowbit_optax._util import auto_axes_like_inputs, unflatten_like
+from lowbit_optax.moments import MomentAccess, field_access
 from lowbit_optax.projectors import (  # noqa: F401 (the projectors' math, re-exported)
     COAPProjector,
     Projector,
@@ -221,10 +225,12 @@ def low_rank_projection(
         over the last step, it is scaled down to ``recover_limit`` times the last norm.
       recover_limit: Fira's ``gamma`` (1.01).
       key: seed of the randomized range finder (COAP).
-      moment_betas: ``(b1, b2)`` of the inner Adam, required by ``moments='rotate'``,
-        which bias-corrects the moments before rotating them (see the module docstring).
-        The step count ``t`` is the inner state's ``count`` field if it has exactly one,
-        else this wrapper's.
+      moment_betas: ``(b1, b2)`` of an inner Adam that does not carry them (a plain
+        ``optax.scale_by_adam``), for ``moments='rotate'``, which bias-corrects the
+        moments before rotating them (see the module docstring). An ``AdamLike`` inner
+        (``lowbit_optax.scale_by_adam_like``, ``scale_by_quantized_adam``) gives its own,
+        and passing both is an error. The step count ``t`` is the inner state's
+        ``count`` field if it has exactly one, else this wrapper's.
 
     Returns:
       An ``optax.GradientTransformation``; updates in the gradients' dtype.
@@ -248,6 +254,7 @@ def low_rank_projection(
         recover_limit,
         key,
         moment_betas,
+        _moment_access(inner, moment_betas),
     )
     _check(cfg)
     return optax.GradientTransformation(
@@ -272,6 +279,24 @@ class _Config(NamedTuple):
     recover_limit: float
     key: int
     moment_betas: tuple[float, float] | None
+    access: MomentAccess
+
+
+def _moment_access(inner: Any, moment_betas: Any) -> MomentAccess:
+    """The inner transform's own ``MomentAccess`` (``AdamLike``), else access by the
+    field names ``mu``/``nu`` with ``moment_betas``."""
+    own = getattr(inner, "moments", None)
+    if not isinstance(own, MomentAccess):
+        pair = isinstance(moment_betas, tuple | list) and len(moment_betas) == 2
+        return field_access(*(moment_betas if pair else (None, None)))  # _check: bad betas
+    if moment_betas is not None:
+        raise ValueError(
+            f"moment_betas={moment_betas!r} was given, but the inner transform carries its "
+            f"own betas (b1={own.b1!r}, b2={own.b2!r}) in its MomentAccess; drop "
+            "moment_betas (it is only for an inner state without them, e.g. a plain "
+            "optax.scale_by_adam)."
+        )
+    return own
 
 
 def _check(cfg: _Config) -> None:
@@ -308,11 +333,13 @@ def _check(cfg: _Config) -> None:
             "moment_betas must be the inner Adam's (b1, b2), two numbers in [0, 1), "
             f"got {cfg.moment_betas!r}"
         )
-    if cfg.moments == "rotate" and cfg.moment_betas is None:
+    if cfg.moments == "rotate" and (cfg.access.b1 is None or cfg.access.b2 is None):
         raise ValueError(
-            "moments='rotate' needs moment_betas=(b1, b2), the inner Adam's betas, to "
-            "bias-correct its moments before rotating them; got moment_betas=None. Pass "
-            "e.g. moment_betas=(0.9, 0.999) for optax.scale_by_adam()."
+            "moments='rotate' needs the inner Adam's betas to bias-correct its moments "
+            "before rotating them, and this inner transform does not carry them; got "
+            "moment_betas=None. Use an inner that does (lowbit_optax.scale_by_adam_like("
+            "b1, b2, eps) or scale_by_quantized_adam), or pass moment_betas=(b1, b2), "
+            "e.g. (0.9, 0.999) for optax.scale_by_adam()."
         )
 
 
@@ -339,7 +366,7 @@ def _init(cfg: _Config, params: optax.Params) -> LowRankProjectionState:
     ]
     inner_state = cfg.inner.init(unflatten_like(params, low))
     if cfg.moments != "keep":
-        _float_moments(inner_state, what=f"moments={cfg.moments!r}")
+        _moment_fields(inner_state, cfg.access, what=f"moments={cfg.moments!r}")
 
     def init_leaf(x, lf: _Leaf) -> _LeafState:
         if not lf.projected:
@@ -449,7 +476,7 @@ def _project(cfg: _Config, g, lf: _Leaf, s, view: _MomentView, i: int, key, chai
                 key=key,
             )
             s_new = s_new.astype(jnp.float32)
-            rotated = _moved_moments(moved, s32, s_new, lf, cfg.moments, view.rho)
+            rotated = _moved_moments(moved, s32, s_new, lf, cfg.moments, view.rho, cfg.access)
             return s_new, _to_a(a_new, lf), rotated
 
         # a non-finite gradient keeps the old projector (the SVD never sees it)
@@ -463,41 +490,39 @@ def _project(cfg: _Config, g, lf: _Leaf, s, view: _MomentView, i: int, key, chai
 
 class _MomentView:
     """The inner state as the stages read and write it: its float first moment per
-    leaf (COAP's ``Mk``, when it has one), and, with ``moments='reset'/'rotate'``, its
-    ``mu``/``nu`` per leaf and the bias-correction ratio.
-
-    The protocol an inner state follows to take part: exactly one field named ``mu``
-    and one named ``nu`` (float trees shaped like the projected params) and, for the
-    rotation's bias correction, one scalar integer ``count`` (else this wrapper's count
-    is used), as ``optax.ScaleByAdamState``. ``moment_betas`` gives its betas."""
+    leaf (COAP's ``Mk``, when it has one), and, with ``moments='reset'/'rotate'``, each
+    leaf's stored moments (its entries of the ``MomentAccess`` fields, see
+    ``lowbit_optax.moments``) and the bias-correction ratio."""
 
     def __init__(self, cfg: _Config, state: LowRankProjectionState, treedef: Any):
         self.count = state.count
         self.mu = _inner_mu(state.inner_state, treedef)
-        self.moments = None
-        if cfg.moments != "keep":
-            get = lambda name: treedef.flatten_up_to(
-                optax.tree_utils.tree_get(state.inner_state, name)
-            )
-            self.moments = [list(get("mu")), list(get("nu"))]
+        self.fields = () if cfg.moments == "keep" else cfg.access.fields
+        self.moments = [
+            list(treedef.flatten_up_to(optax.tree_utils.tree_get(state.inner_state, name)))
+            for name in self.fields
+        ]
         self.rho = None
         if cfg.moments == "rotate":
-            self.rho = _bias_ratio(_inner_count(state.inner_state, state.count), *cfg.moment_betas)
+            count = _inner_count(state.inner_state, state.count)
+            self.rho = _bias_ratio(count, cfg.access.b1, cfg.access.b2)
 
     def moved(self, i: int) -> Any:
-        """Leaf ``i``'s ``(mu, nu)``, or ``EMPTY`` with ``moments='keep'``."""
-        return EMPTY if self.moments is None else (self.moments[0][i], self.moments[1][i])
+        """Leaf ``i``'s stored moments, or ``EMPTY`` with ``moments='keep'``."""
+        return tuple(field[i] for field in self.moments) if self.fields else EMPTY
 
     def set_moved(self, i: int, moved: Any) -> None:
-        if self.moments is not None:
-            self.moments[0][i], self.moments[1][i] = moved
+        for field, value in zip(self.moments, moved if self.fields else (), strict=True):
+            field[i] = value
 
     def stored(self, inner_state: Any, treedef: Any) -> Any:
         """``inner_state`` with the moved moments written back."""
-        if self.moments is None:
+        if not self.fields:
             return inner_state
-        mu, nu = (treedef.unflatten(m) for m in self.moments)
-        return optax.tree_utils.tree_set(inner_state, mu=mu, nu=nu)
+        new = {
+            name: treedef.unflatten(m) for name, m in zip(self.fields, self.moments, strict=True)
+        }
+        return optax.tree_utils.tree_set(inner_state, **new)
 
 
 def _back_projected(g, lf, u_low, s_new, low_g, last_norm, scale, recover, limit):
@@ -548,14 +573,15 @@ def _back_projected(g, lf, u_low, s_new, low_g, last_norm, scale, recover, limit
     return u.reshape(lf.shape), last_norm
 
 
-def _float_moments(inner_state: Any, what: str) -> None:
-    for name in ("mu", "nu"):
+def _moment_fields(inner_state: Any, access: MomentAccess, what: str) -> None:
+    for name in access.fields:
         found = optax.tree_utils.tree_get_all_with_path(inner_state, name)
         if len(found) != 1:
             raise ValueError(
-                f"{what} needs an inner state with exactly one float '{name}' field "
-                f"(e.g. optax.scale_by_adam); found {len(found)}. Use moments='keep' with "
-                "this inner transform."
+                f"{what} needs an inner state with exactly one '{name}' field "
+                f"(e.g. optax.scale_by_adam, or an AdamLike inner such as "
+                f"lowbit_optax.scale_by_quantized_adam); found {len(found)}. Use "
+                "moments='keep' with this inner transform."
             )
 
 
@@ -598,15 +624,16 @@ def _bias_ratio(t: jax.Array, b1: float, b2: float) -> jax.Array:
     return jnp.where(t > 0, bc2 / jnp.where(t > 0, bc1 * bc1, 1.0), 1.0)
 
 
-def _moved_moments(moved, s_old, s_new, lf, moments, rho=None):
-    """The inner ``(mu, nu)`` of a projected leaf after its projector changed from
-    ``s_old`` to ``s_new``: zeroed (``reset``) or rotated into the new subspace
-    (``rotate``: ``mu <- C mu``, ``nu <- C^2 max(0, nu - rho mu^2) + rho (C mu)^2`` with
-    ``C = S_new^T S_old`` and ``rho`` from ``_bias_ratio``); ``()`` passes through
-    (``keep``)."""
+def _moved_moments(moved, s_old, s_new, lf, moments, rho=None, access=None):
+    """The inner stored moments of a projected leaf (read and written through
+    ``access``) after its projector changed from ``s_old`` to ``s_new``: zeroed
+    (``reset``) or rotated into the new subspace (``rotate``: ``mu <- C mu``,
+    ``nu <- C^2 max(0, nu - rho mu^2) + rho (C mu)^2`` with ``C = S_new^T S_old`` and
+    ``rho`` from ``_bias_ratio``); ``EMPTY`` passes through (``keep``)."""
     if moments == "keep":
         return moved
-    m, v = moved
+    access = field_access() if access is None else access
+    m, v = access.get(moved, lf.low_shape)
     m32, v32 = m.astype(jnp.float32), v.astype(jnp.float32)
     if moments == "reset":
         m2, v2 = jnp.zeros_like(m32), jnp.zeros_like(v32)
@@ -617,4 +644,4 @@ def _moved_moments(moved, s_old, s_new, lf, moments, rho=None):
         m2 = rot(m32, c)
         variance = jnp.maximum(0.0, v32 - rho * m32**2)  # (1 - b2^t) (v_hat - m_hat^2)
         v2 = rot(variance, c**2) + rho * m2**2
-    return m2.astype(m.dtype), v2.astype(v.dtype)
+    return access.put(moved, m2.astype(m.dtype), v2.astype(v.dtype))

@@ -24,6 +24,7 @@ Non-finite gradients: a NaN or inf entry makes its whole block's scale non-finit
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ import optax
 
 from lowbit_optax import quantization as qz
 from lowbit_optax._driver import EMPTY, init_leaves, is_empty, map_rows, update_leaves
+from lowbit_optax.moments import AdamLike, MomentAccess
 from lowbit_optax.quantization import MAPS, make_codec  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -107,8 +109,9 @@ def scale_by_quantized_adam(
       key: seed of the stochastic-rounding key stored in the state.
 
     Returns:
-      An ``optax.GradientTransformation``; ``update`` returns updates in the gradients'
-      dtype.
+      An ``AdamLike`` (an ``optax.GradientTransformation`` whose ``moments`` decode and
+      encode its state one leaf at a time, see ``lowbit_optax.moments``); ``update``
+      returns updates in the gradients' dtype.
 
     Memory per parameter (quantized leaves, block B, f32 scales): ``(mu_bits +
     nu_bits)/8 + 8/B`` bytes, plus ``4/B`` for the log map's bases (8-bit: 2.0625 at
@@ -204,7 +207,39 @@ def scale_by_quantized_adam(
         updates, fields = update_leaves(update_leaf, updates, state, _Leaf)
         return updates, ScaleByQuantizedAdamState(count, state.key, *fields)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return AdamLike(init_fn, update_fn, _moment_access(mu_codec, nu_codec, b1, b2))
+
+
+def _moment_access(mu_codec: qz.Codec, nu_codec: qz.Codec, b1: Any, b2: Any) -> MomentAccess:
+    """The moment protocol of ``ScaleByQuantizedAdamState``: one leaf's codes decoded
+    to float32 ``(mu, nu)``, and new moments encoded by nearest rounding, ``nu`` stored
+    as its block-relative values and ``sqrt`` of the block maximum (the update's
+    overflow-safe layout). Float32 leaves hold ``mu`` and ``sqrt(nu)``."""
+    mu_near, nu_near = (dataclasses.replace(c, rounding="nearest") for c in (mu_codec, nu_codec))
+
+    def get(stored, shape):
+        mu_c, mu_s, nu_c, nu_s, nu_b = stored
+        if is_empty(mu_s):
+            return mu_c, nu_c * nu_c
+        m = qz.decode(mu_c, mu_s, None, mu_codec)
+        s = nu_s.astype(jnp.float32)[..., None]
+        v = qz.decode(nu_c, 1.0, None if is_empty(nu_b) else nu_b, nu_codec) * s * s
+        return qz.from_blocks(m, shape[-1]), qz.from_blocks(v, shape[-1])
+
+    def put(stored, m, v):
+        if is_empty(stored[1]):
+            return m, stored[1], jnp.sqrt(jnp.maximum(v, 0.0)), stored[3], stored[4]
+        w = qz.to_blocks(jnp.sqrt(jnp.maximum(v, 0.0)), nu_codec.block_size)
+        r = jnp.maximum(jnp.max(w, axis=-1, keepdims=True), _TINY)
+        nu = qz.encode((w / r) ** 2, nu_near)
+        nu = nu._replace(scales=r * jnp.sqrt(nu.scales))
+        mu_codes, mu_scale, _ = qz.encode(qz.to_blocks(m, mu_codec.block_size), mu_near).stored(
+            mu_codec
+        )
+        nu_codes, nu_scale, nu_base = nu.stored(nu_codec)
+        return mu_codes, mu_scale, nu_codes, nu_scale, EMPTY if nu_base is None else nu_base
+
+    return MomentAccess(tuple(_Leaf._fields), get, put, b1, b2)
 
 
 class _Leaf(NamedTuple):

@@ -426,6 +426,20 @@ def _low_rank_lr(
     )
 
 
+def _low_rank_8bit_lr(
+    learning_rate, rank=0.25, min_dim=32, update_interval=2, block_size=64, min_size=256
+):
+    """GaLore's projector over the 8-bit Adam, its moments rotated at each refresh through
+    the quantized state's moment access (betas read from it)."""
+    inner = lowbit_optax.scale_by_quantized_adam(block_size=block_size, min_size=min_size)
+    return optax.chain(
+        lowbit_optax.low_rank_projection(
+            inner, rank=rank, min_dim=min_dim, update_interval=update_interval, moments="rotate"
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
 _PROJ_STATIC = ("rank", "min_dim", "update_interval", "proj_dtype")
 
 REGISTRY += [
@@ -490,6 +504,16 @@ REGISTRY += [
         state_bytes=lambda p: _projected_bytes(p, _adamw_bytes, proj_item=2, recover=True),
         static_args=(*_PROJ_STATIC, "projector", "moments", "recover"),
         atol=1e-3,  # S stored in bfloat16: a float32 difference can flip its rounding
+    ),
+    Entry(
+        name="low_rank_projection_svd_rotate_8bit",
+        factory=_low_rank_8bit_lr,
+        kwargs=dict(**_PROJ, update_interval=2),
+        state_bytes=lambda p: _projected_bytes(
+            p, lambda t: _quantized_adam_bytes(t, 8, 8, log_nu=False, block=64, min_size=256)
+        ),
+        static_args=("rank", "min_dim", "update_interval", "block_size", "min_size"),
+        atol=1e-4,
     ),
 ]
 
@@ -642,6 +666,7 @@ _TEMP_XFAIL = {
     "coap_adamw_8bit": f"1.82 B/param: {_PROJ_TEMP}",
     "low_rank_projection_subtrack_rotate_recover_bf16": f"3.28 B/param: {_PROJ_TEMP}; the "
     "recovered residual needs a float32 copy of the gradient in the event's orientation",
+    "low_rank_projection_svd_rotate_8bit": f"1.75 B/param: {_PROJ_TEMP}",
     "mfac": f"9.04 B/param: {_WINDOW_TEMP}",
     "sparse_mfac": f"21.4 B/param: {_WINDOW_TEMP}",
     "ggt": f"9.03 B/param: {_WINDOW_TEMP}",
