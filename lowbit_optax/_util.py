@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -136,3 +137,21 @@ def forwarding_signature(fn: Callable[..., Any], target: Callable[..., Any], dro
         if p.kind == p.KEYWORD_ONLY and p.name not in names
     ]
     return inspect.signature(fn).replace(parameters=own + extra)
+
+
+def static_arg(name: str, value: Any, default: Any) -> Any:
+    """A shape-setting argument of a factory: ``None`` is ``default`` (so that
+    ``optax.inject_hyperparams`` finds no number to trace among the defaults); a JAX or
+    NumPy array means it was traced, which cannot set a shape: a clear error with the fix.
+    """
+    if value is None:
+        return default
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        raise ValueError(
+            f"{name} sets the shapes or the structure of the optimizer state, so it must be "
+            f"a Python value, got {type(value).__name__} {value!r}. optax.inject_hyperparams "
+            "traces every number passed to it and calls every callable (a dtype such as "
+            f"jnp.bfloat16 too) as a schedule; mark it static: "
+            f"optax.inject_hyperparams(..., static_args=({name!r},))"
+        )
+    return value

@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from lowbit_optax._util import forwarding_signature
+from lowbit_optax._util import forwarding_signature, static_arg
 from lowbit_optax.error_feedback import top_k
 from lowbit_optax.moments import scale_by_adam_like
 from lowbit_optax.preconditioners import scale_by_ggt, scale_by_mfac
@@ -27,7 +27,7 @@ from lowbit_optax.projection import (
     low_rank_projection,
 )
 from lowbit_optax.quantized import scale_by_quantized_adam
-from lowbit_optax.slim.rules import Rules
+from lowbit_optax.slim.rules import Rules, flax_default_rules
 from lowbit_optax.slim.transform import scale_by_slim_adam
 
 __all__ = [
@@ -55,8 +55,8 @@ def adamw_8bit(
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    block_size: int = 128,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with 8-bit block-wise moments (bitsandbytes' recipe).
 
@@ -66,8 +66,10 @@ def adamw_8bit(
 
     Args:
       learning_rate, b1, b2, eps, weight_decay, mask: as ``optax.adamw``.
-      block_size: values per quantization block along the last axis (multiple of 8).
-      min_size: leaves with fewer elements (and scalars) keep float32 moments.
+      block_size: values per quantization block along the last axis (multiple of 8;
+        default 128).
+      min_size: leaves with fewer elements (and scalars) keep float32 moments (default
+        4096).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -105,8 +107,8 @@ def adamw_4bit(
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    block_size: int = 128,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with 4-bit block-wise moments (the 4-bit paper's recipe).
 
@@ -117,8 +119,10 @@ def adamw_4bit(
 
     Args:
       learning_rate, b1, b2, eps, weight_decay, mask: as ``optax.adamw``.
-      block_size: values per quantization block along the last axis (multiple of 8).
-      min_size: leaves with fewer elements (and scalars) keep float32 moments.
+      block_size: values per quantization block along the last axis (multiple of 8;
+        default 128).
+      min_size: leaves with fewer elements (and scalars) keep float32 moments (default
+        4096).
 
     Example:
       >>> import jax.numpy as jnp
@@ -157,10 +161,10 @@ def solo_adamw(
     mask: optax.MaskOrFn = None,
     *,
     bits: tuple[int, int] = (4, 2),
-    block_size: int = 128,
-    quantile_sample: int = 16,
-    min_size: int = 4096,
-    key: int = 0,
+    block_size: int | None = None,
+    quantile_sample: int | None = None,
+    min_size: int | None = None,
+    key: int | None = None,
 ) -> optax.GradientTransformation:
     """SOLO: low-bit AdamW robust to signal swamping.
 
@@ -177,11 +181,14 @@ def solo_adamw(
       b1: first-moment decay; default by precision (``SOLO_B1``: 0.8 at 4 bits, 0.7 at
         3, 0.6 at 2), the paper's remedy for swamped low-bit EMA updates.
       bits: ``(mu_bits, nu_bits)``: ``(4, 2)``, ``(3, 3)`` or ``(2, 2)``.
-      block_size: values per quantization block along the last axis (multiple of 8).
+      block_size: values per quantization block along the last axis (multiple of 8;
+        default 128).
       quantile_sample: values per block the quantile is estimated from (divides
-        ``block_size``), or 0 for the exact quantile.
-      min_size: leaves with fewer elements (and scalars) keep float32 moments.
-      key: seed of the stochastic-rounding noise stored in the state.
+        ``block_size``), or 0 for the exact quantile. Default: 16, or 8 when 16 does
+        not divide ``block_size``.
+      min_size: leaves with fewer elements (and scalars) keep float32 moments (default
+        4096).
+      key: seed of the stochastic-rounding noise stored in the state (default 0).
 
     Example:
       >>> import jax.numpy as jnp
@@ -194,6 +201,9 @@ def solo_adamw(
     """
     if tuple(bits) not in ((4, 2), (3, 3), (2, 2)):
         raise ValueError(f"bits must be (4, 2), (3, 3) or (2, 2), got {bits!r}")
+    block_size = static_arg("block_size", block_size, 128)
+    if quantile_sample is None and isinstance(block_size, int):
+        quantile_sample = 16 if block_size % 16 == 0 else 8
     return optax.chain(
         scale_by_quantized_adam(
             SOLO_B1[bits[0]] if b1 is None else b1,
@@ -223,12 +233,12 @@ def slim_adamw(
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    rules: Rules,
+    rules: Rules | None = None,
     mu_dtype: Any = None,
     mu_bits: int | None = None,
     nu_bits: int | None = None,
-    block_size: int = 128,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with SlimAdam's per-leaf averaged second moment.
 
@@ -240,13 +250,19 @@ def slim_adamw(
     Args:
       learning_rate, b1, b2, eps, eps_root, weight_decay, mask: as ``optax.adamw``.
       rules: per-leaf averaging axes (``rules_from_snr``, ``rules_from_json``, a
-        mapping keyed like the params, or a callable such as ``flax_default_rules``).
+        mapping keyed like the params, or a callable ``(path, leaf) -> axes | None``).
+        Default: ``flax_default_rules``, the paper's published table for GPT-style
+        models in Flax layouts; parameters it does not recognise keep Adam's full
+        second moment. Under ``optax.inject_hyperparams`` a mapping stays static by
+        itself, while a callable must be listed in ``static_args=("rules",)`` (optax
+        takes any callable argument for a schedule).
       mu_dtype: dtype of a float first moment.
       mu_bits: quantize the first moment block-wise (8/4/3/2 bits) on leaves of at
         least ``min_size`` elements.
       nu_bits: quantize the reduced second moment where it keeps >= ``min_size``
         elements.
-      block_size, min_size: quantization block and smallest quantized leaf.
+      block_size, min_size: quantization block and smallest quantized leaf (default
+        128 and 4096).
 
     Memory per parameter: ``mu`` 4 bytes (``mu_bits``: about ``mu_bits / 8``) plus 4
     bytes times the fraction of the second moment the rules keep (``removed_fraction``
@@ -268,7 +284,7 @@ def slim_adamw(
             b2,
             eps,
             eps_root,
-            rules=rules,
+            rules=flax_default_rules if rules is None else rules,
             mu_dtype=mu_dtype,
             mu_bits=mu_bits,
             nu_bits=nu_bits,
@@ -291,11 +307,11 @@ def galore_adamw(
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    rank: int | float = 0.25,
-    update_interval: int = 200,
+    rank: int | float | None = None,
+    update_interval: int | None = None,
     scale: float = 0.25,
-    min_dim: int = 128,
-    proj_dtype: Any = jnp.float32,
+    min_dim: int | None = None,
+    proj_dtype: Any = None,
     projection_mask: optax.MaskOrFn = None,
 ) -> optax.GradientTransformation:
     """GaLore AdamW: Adam on SVD-projected gradients, weight decay and learning rate
@@ -304,11 +320,14 @@ def galore_adamw(
     Args:
       learning_rate, b1, b2, eps, weight_decay, mask: as ``optax.adamw`` (``mask``
         selects the leaves that get weight decay).
-      rank: projection rank: an int, or a fraction in (0, 1] of ``min(m, n)``.
-      update_interval: steps between SVD refreshes of the projector.
+      rank: projection rank: an int, or a fraction in (0, 1] of ``min(m, n)``
+        (default 0.25).
+      update_interval: steps between SVD refreshes of the projector (default 200).
       scale: ``alpha``, the factor on back-projected updates.
-      min_dim: leaves with ``min(m, n) < min_dim`` are not projected (plain Adam).
-      proj_dtype: storage dtype of the projectors (``float32`` or ``bfloat16``).
+      min_dim: leaves with ``min(m, n) < min_dim`` are not projected (plain Adam;
+        default 128).
+      proj_dtype: storage dtype of the projectors (``float32``, the default, or
+        ``bfloat16``).
       projection_mask: optax mask of the leaves that may be projected.
 
     Example:
@@ -322,9 +341,9 @@ def galore_adamw(
     """
     projected = low_rank_projection(
         optax.scale_by_adam(b1, b2, eps),
-        rank=rank,
+        rank=static_arg("rank", rank, 0.25),
         projector=SVDProjector(),
-        update_interval=update_interval,
+        update_interval=static_arg("update_interval", update_interval, 200),
         scale=scale,
         min_dim=min_dim,
         mask=projection_mask,
@@ -345,17 +364,17 @@ def coap_adamw(
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    rank: int | float = 0.25,
-    update_interval: int = 32,
-    reproject_factor: int = 5,
+    rank: int | float | None = None,
+    update_interval: int | None = None,
+    reproject_factor: int | None = None,
     scale: float = 0.25,
     scale_aware: bool = True,
-    power_iters: int = 2,
-    min_dim: int = 128,
-    proj_dtype: Any = jnp.float32,
+    power_iters: int | None = None,
+    min_dim: int | None = None,
+    proj_dtype: Any = None,
     projection_mask: optax.MaskOrFn = None,
     inner: optax.GradientTransformation | None = None,
-    key: int = 0,
+    key: int | None = None,
 ) -> optax.GradientTransformation:
     """COAP AdamW: correlation-aware projector updates, inner moments kept.
 
@@ -370,19 +389,21 @@ def coap_adamw(
     Args:
       learning_rate, b1, b2, eps, weight_decay, mask: as ``optax.adamw``. ``b1``,
         ``b2`` and ``eps`` configure the default inner Adam.
-      rank: projection rank: an int, or a fraction in (0, 1] of ``min(m, n)``.
-      update_interval: steps between P steps (SGD on the projector).
+      rank: projection rank: an int, or a fraction in (0, 1] of ``min(m, n)``
+        (default 0.25).
+      update_interval: steps between P steps (SGD on the projector; default 32).
       reproject_factor: every ``update_interval * reproject_factor`` steps the P step is
-        replaced by a warm-started range-finder recalibration.
+        replaced by a warm-started range-finder recalibration (default 5).
       scale: ``alpha``, the factor on back-projected updates.
       scale_aware: evaluate COAP's loss on RMS-normalised gradient and moment.
-      power_iters: block power iterations of the first range finder.
-      min_dim: leaves with ``min(m, n) < min_dim`` are not projected.
-      proj_dtype: storage dtype of the projectors (``float32`` or ``bfloat16``).
+      power_iters: block power iterations of the first range finder (default 2).
+      min_dim: leaves with ``min(m, n) < min_dim`` are not projected (default 128).
+      proj_dtype: storage dtype of the projectors (``float32``, the default, or
+        ``bfloat16``).
       projection_mask: optax mask of the leaves that may be projected.
       inner: a transform replacing the inner Adam (e.g. 8-bit moments: see
         ``coap_adamw_8bit``); it cannot be combined with ``b1``, ``b2`` or ``eps``.
-      key: seed of the randomized range finder.
+      key: seed of the randomized range finder (default 0).
 
     Example:
       >>> import jax.numpy as jnp
@@ -406,9 +427,13 @@ def coap_adamw(
         )
     projected = low_rank_projection(
         inner if inner is not None else optax.scale_by_adam(b1, b2, eps),
-        rank=rank,
-        projector=COAPProjector(reproject_factor, scale_aware=scale_aware, power_iters=power_iters),
-        update_interval=update_interval,
+        rank=static_arg("rank", rank, 0.25),
+        projector=COAPProjector(
+            static_arg("reproject_factor", reproject_factor, 5),
+            scale_aware=scale_aware,
+            power_iters=static_arg("power_iters", power_iters, 2),
+        ),
+        update_interval=static_arg("update_interval", update_interval, 32),
         scale=scale,
         min_dim=min_dim,
         mask=projection_mask,
@@ -430,14 +455,14 @@ def subtrack_adamw(
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    rank: int | float = 0.25,
-    update_interval: int = 50,
+    rank: int | float | None = None,
+    update_interval: int | None = None,
     step_size: float = 1.0,
     scale: float = 0.25,
     moments: str = "rotate",
     recover: bool = False,
-    min_dim: int = 128,
-    proj_dtype: Any = jnp.float32,
+    min_dim: int | None = None,
+    proj_dtype: Any = None,
     projection_mask: optax.MaskOrFn = None,
 ) -> optax.GradientTransformation:
     """SubTrack++ AdamW: Grassmannian subspace tracking, Adam moments rotated into the
@@ -445,15 +470,17 @@ def subtrack_adamw(
 
     Args:
       learning_rate, b1, b2, eps, weight_decay, mask: as ``optax.adamw``.
-      rank: projection rank: an int, or a fraction in (0, 1] of ``min(m, n)``.
-      update_interval: steps between geodesic steps (an SVD at the first).
+      rank: projection rank: an int, or a fraction in (0, 1] of ``min(m, n)``
+        (default 0.25).
+      update_interval: steps between geodesic steps (an SVD at the first; default 50).
       step_size: the scale-free geodesic step (see ``SubTrackProjector``).
       scale: ``alpha``, the factor on back-projected updates.
       moments: ``rotate`` (SubTrack++), ``keep`` or ``reset`` the inner moments at a
         change of subspace.
       recover: add back the discarded gradient, scaled (Fira's recovery).
-      min_dim: leaves with ``min(m, n) < min_dim`` are not projected.
-      proj_dtype: storage dtype of the projectors (``float32`` or ``bfloat16``).
+      min_dim: leaves with ``min(m, n) < min_dim`` are not projected (default 128).
+      proj_dtype: storage dtype of the projectors (``float32``, the default, or
+        ``bfloat16``).
       projection_mask: optax mask of the leaves that may be projected.
 
     Example:
@@ -467,9 +494,9 @@ def subtrack_adamw(
     """
     projected = low_rank_projection(
         scale_by_adam_like(b1, b2, eps),
-        rank=rank,
+        rank=static_arg("rank", rank, 0.25),
         projector=SubTrackProjector(step_size),
-        update_interval=update_interval,
+        update_interval=static_arg("update_interval", update_interval, 50),
         scale=scale,
         min_dim=min_dim,
         mask=projection_mask,
@@ -492,9 +519,9 @@ def coap_adamw_8bit(
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    block_size: int = 64,
-    min_size: int = 4096,
-    proj_dtype: Any = jnp.bfloat16,
+    block_size: int | None = None,
+    min_size: int | None = None,
+    proj_dtype: Any = None,
     **coap_kwargs: Any,
 ) -> optax.GradientTransformation:
     """8-bit COAP: ``coap_adamw`` whose inner Adam keeps 8-bit block-wise moments
@@ -509,9 +536,9 @@ def coap_adamw_8bit(
 
     Args:
       learning_rate, b1, b2, eps, weight_decay, mask: as ``optax.adamw``.
-      block_size: values per quantization block of the inner moments.
-      min_size: inner leaves with fewer elements keep float32 moments.
-      proj_dtype: storage dtype of the projectors.
+      block_size: values per quantization block of the inner moments (default 64).
+      min_size: inner leaves with fewer elements keep float32 moments (default 4096).
+      proj_dtype: storage dtype of the projectors (default ``bfloat16``).
       **coap_kwargs: the projection's keyword arguments, as ``coap_adamw`` takes them
         (``rank``, ``update_interval``, ``reproject_factor``, ``scale``,
         ``scale_aware``, ``power_iters``, ``min_dim``, ``projection_mask``, ``key``).
@@ -531,6 +558,7 @@ def coap_adamw_8bit(
             "coap_adamw_8bit builds its own inner 8-bit Adam; use coap_adamw(inner=...) "
             "for another inner transform"
         )
+    block_size = static_arg("block_size", block_size, 64)
     inner = scale_by_quantized_adam(
         b1, b2, eps, mu_bits=8, nu_bits=8, block_size=block_size, min_size=min_size
     )
@@ -538,7 +566,7 @@ def coap_adamw_8bit(
         learning_rate,
         weight_decay=weight_decay,
         mask=mask,
-        proj_dtype=proj_dtype,
+        proj_dtype=static_arg("proj_dtype", proj_dtype, jnp.bfloat16),
         inner=inner,
         **coap_kwargs,
     )
@@ -549,8 +577,8 @@ coap_adamw_8bit.__signature__ = forwarding_signature(coap_adamw_8bit, coap_adamw
 
 def mfac(
     learning_rate: optax.ScalarOrSchedule,
-    num_grads: int = 1024,
-    damping: float = 1e-4,
+    num_grads: int | None = None,
+    damping: float | None = None,
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -561,8 +589,9 @@ def mfac(
         ``F = damping I + (1/m) sum g_i g_i^T``, whose scale grows as ``1 / damping``
         along directions the window has not seen: pick the rate together with
         ``damping`` (the M-FAC papers tune it per task).
-      num_grads: window size ``m`` (``4 m`` bytes per parameter).
-      damping: ``lambda`` of the empirical Fisher.
+      num_grads: window size ``m`` (``4 m`` bytes per parameter; default 1024).
+      damping: ``lambda`` of the empirical Fisher (default 1e-4); static, since it
+        picks the precision of the window's solve.
       weight_decay, mask: as ``optax.adamw``.
 
     Example:
@@ -583,19 +612,19 @@ def mfac(
 
 def sparse_mfac(
     learning_rate: optax.ScalarOrSchedule,
-    num_grads: int = 1024,
-    damping: float = 1e-4,
+    num_grads: int | None = None,
+    damping: float | None = None,
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    density: float = 0.01,
+    density: float | None = None,
 ) -> optax.GradientTransformation:
     """Sparse M-FAC (EFCP): error-feedback top-k gradients in the window.
 
     Args:
       learning_rate, num_grads, damping, weight_decay, mask: as ``mfac``.
       density: fraction of each (accumulated) gradient kept in the window:
-        ``8 m k`` bytes for the window instead of ``4 m d``.
+        ``8 m k`` bytes for the window instead of ``4 m d`` (default 0.01).
 
     Example:
       >>> import jax.numpy as jnp
@@ -607,7 +636,7 @@ def sparse_mfac(
       arXiv 2306.06098.
     """
     return optax.chain(
-        scale_by_mfac(num_grads, damping, compressor=top_k(density)),
+        scale_by_mfac(num_grads, damping, compressor=top_k(static_arg("density", density, 0.01))),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -615,7 +644,7 @@ def sparse_mfac(
 
 def ggt(
     learning_rate: optax.ScalarOrSchedule,
-    num_grads: int = 100,
+    num_grads: int | None = None,
     eps: float = 1e-5,
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
@@ -625,7 +654,7 @@ def ggt(
 
     Args:
       learning_rate: step size or schedule.
-      num_grads: window size ``r`` (``4 r`` bytes per parameter).
+      num_grads: window size ``r`` (``4 r`` bytes per parameter; default 100).
       eps: ``eps`` of ``((G^T G)^{1/2} + eps I)^{-1}``; directions outside the window
         are scaled by ``1 / eps``.
       weight_decay, mask: as ``optax.adamw``.
@@ -647,18 +676,19 @@ def ggt(
 
 def sparse_ggt(
     learning_rate: optax.ScalarOrSchedule,
-    num_grads: int = 100,
+    num_grads: int | None = None,
     eps: float = 1e-5,
     weight_decay: float = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    density: float = 0.01,
+    density: float | None = None,
 ) -> optax.GradientTransformation:
     """Sparse GGT (EFCP): error-feedback top-k gradients in the window.
 
     Args:
       learning_rate, num_grads, eps, weight_decay, mask: as ``ggt``.
-      density: fraction of each (accumulated) gradient kept in the window.
+      density: fraction of each (accumulated) gradient kept in the window (default
+        0.01).
 
     Example:
       >>> import jax.numpy as jnp
@@ -670,7 +700,7 @@ def sparse_ggt(
       arXiv 2306.06098.
     """
     return optax.chain(
-        scale_by_ggt(num_grads, eps, compressor=top_k(density)),
+        scale_by_ggt(num_grads, eps, compressor=top_k(static_arg("density", density, 0.01))),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )

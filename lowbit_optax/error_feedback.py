@@ -51,7 +51,7 @@ import optax
 
 from lowbit_optax import quantization as qz
 from lowbit_optax._driver import EMPTY, init_leaves, map_rows, update_leaves
-from lowbit_optax._util import auto_axes_like_inputs
+from lowbit_optax._util import auto_axes_like_inputs, static_arg
 
 __all__ = [
     "Compressor",
@@ -386,7 +386,7 @@ class ErrorFeedbackState(NamedTuple):
 
 
 def error_feedback(
-    compressor: Compressor, *, accumulator_dtype: Any = jnp.float32, key: int = 0
+    compressor: Compressor, *, accumulator_dtype: Any = None, key: int | None = None
 ) -> optax.GradientTransformation:
     """Error feedback around a compressor, per leaf: ``a = xi + g``, ``c = C(a)``,
     ``xi <- a - c``; emits ``c`` (dense, in the gradient's dtype).
@@ -398,9 +398,10 @@ def error_feedback(
     Args:
       compressor: a ``Compressor`` value (``top_k``, ``random_k``, ``low_rank``,
         ``quantizer``).
-      accumulator_dtype: storage of ``xi`` (``float32`` or ``bfloat16``; bfloat16 halves
-        it at the cost of rounding the carried error to 8 bits of mantissa).
-      key: seed of the per-step keys (random_k, stochastic rounding).
+      accumulator_dtype: storage of ``xi`` (``float32``, the default, or ``bfloat16``;
+        bfloat16 halves it at the cost of rounding the carried error to 8 bits of
+        mantissa).
+      key: seed of the per-step keys (random_k, stochastic rounding; default 0).
 
     A leaf whose gradient has a non-finite entry keeps its old ``xi`` (the emitted
     update shows the NaN/inf; the state stays finite).
@@ -413,7 +414,8 @@ def error_feedback(
             "compressor must be a Compressor value (top_k(0.01), random_k(...), "
             f"low_rank(...), quantizer(...)), got {compressor!r}"
         )
-    dt = jnp.dtype(accumulator_dtype)
+    key = static_arg("key", key, 0)
+    dt = jnp.dtype(static_arg("accumulator_dtype", accumulator_dtype, jnp.float32))
     if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(
             f"accumulator_dtype must be float32 or bfloat16, got {accumulator_dtype!r}"

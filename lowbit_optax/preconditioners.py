@@ -50,7 +50,7 @@ import jax.scipy.linalg
 import optax
 
 from lowbit_optax._driver import EMPTY
-from lowbit_optax._util import auto_axes_like_inputs
+from lowbit_optax._util import auto_axes_like_inputs, static_arg
 from lowbit_optax.error_feedback import Compressor
 
 __all__ = ["ScaleByWindowState", "ggt_apply", "mfac_apply", "scale_by_ggt", "scale_by_mfac"]
@@ -225,24 +225,25 @@ def _windowed(num_grads, compressor, key, apply_newest) -> optax.GradientTransfo
 
 
 def scale_by_mfac(
-    num_grads: int = 1024,
-    damping: float = 1e-4,
+    num_grads: int | None = None,
+    damping: float | None = None,
     *,
     compressor: Compressor | None = None,
-    key: int = 0,
+    key: int | None = None,
 ) -> optax.GradientTransformation:
     """M-FAC: the gradient (or, with a compressor, the error-feedback compressed
     accumulator) times the inverse of ``lam I + (1/m) sum_i g_i g_i^T`` over a ring
     buffer of the last ``m = num_grads`` (compressed) gradients.
 
     Args:
-      num_grads: window size ``m`` (1024 in the papers); ``1/m`` stays fixed while it fills.
-      damping: ``lam`` (1e-4); static (it picks the solve's precision). At
+      num_grads: window size ``m`` (default 1024, as the papers); ``1/m`` stays fixed
+        while it fills.
+      damping: ``lam`` (default 1e-4); static (it picks the solve's precision). At
         ``lam <= 1e-6`` the ``m x m`` system is solved in float64 when
         ``jax_enable_x64`` is on (else in float32, with a warning here).
       compressor: ``None`` (dense window) or a sparse compressor (``top_k(0.01)``);
         error feedback is then built in.
-      key: seed for random compressors.
+      key: seed for random compressors (default 0).
 
     Memory: ``4 m d`` bytes dense, ``8 m k`` sparse (+ ``4 d`` for the accumulator), plus
     ``4 m^2`` for the Gram matrix.
@@ -250,6 +251,8 @@ def scale_by_mfac(
     References:
       Frantar et al., M-FAC, NeurIPS 2021; Modoranu et al., arXiv 2306.06098.
     """
+    num_grads, key = static_arg("num_grads", num_grads, 1024), static_arg("key", key, 0)
+    damping = static_arg("damping", damping, 1e-4)
     _check(num_grads, compressor)
     if not damping > 0:
         raise ValueError(f"damping must be > 0 (1e-4 in the papers), got {damping!r}")
@@ -270,11 +273,11 @@ def scale_by_mfac(
 
 
 def scale_by_ggt(
-    num_grads: int = 100,
+    num_grads: int | None = None,
     eps: float = 1e-5,
     *,
     compressor: Compressor | None = None,
-    key: int = 0,
+    key: int | None = None,
 ) -> optax.GradientTransformation:
     """GGT: windowed full-matrix AdaGrad, ``((G^T G)^{1/2} + eps I)^{-1}`` applied to the
     gradient (or the error-feedback compressed accumulator) over the last
@@ -282,14 +285,15 @@ def scale_by_ggt(
     ``r x r`` Gram matrix.
 
     Args:
-      num_grads: window size ``r`` (100 in the EFCP linear-probing runs).
+      num_grads: window size ``r`` (default 100, as the EFCP linear-probing runs).
       eps: ``eps`` (1e-5).
       compressor: ``None`` or a sparse compressor; error feedback is then built in.
-      key: seed for random compressors.
+      key: seed for random compressors (default 0).
 
     References:
       Agarwal et al., GGT, ICML 2019; Modoranu et al., arXiv 2306.06098.
     """
+    num_grads, key = static_arg("num_grads", num_grads, 100), static_arg("key", key, 0)
     _check(num_grads, compressor)
     if isinstance(eps, (int, float)) and not eps > 0:  # may be traced (inject_hyperparams)
         raise ValueError(f"eps must be > 0, got {eps!r}")

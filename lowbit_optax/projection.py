@@ -86,7 +86,7 @@ import jax.numpy as jnp
 import optax
 
 from lowbit_optax._driver import EMPTY, Chain, init_leaves, map_rows
-from lowbit_optax._util import auto_axes_like_inputs, unflatten_like
+from lowbit_optax._util import auto_axes_like_inputs, static_arg, unflatten_like
 from lowbit_optax.moments import MomentAccess, field_access
 from lowbit_optax.projectors import (  # noqa: F401 (the projectors' math, re-exported)
     COAPProjector,
@@ -188,16 +188,16 @@ def low_rank_projection(
     *,
     rank: int | float,
     projector: Projector | str = "svd",
-    update_interval: int = 200,
+    update_interval: int | None = None,
     scale: float = 0.25,
-    min_dim: int = 128,
+    min_dim: int | None = None,
     mask: optax.MaskOrFn = None,
     moments: str = "keep",
-    proj_dtype: Any = jnp.float32,
+    proj_dtype: Any = None,
     reshape: bool = True,
     recover: bool = False,
     recover_limit: float = 1.01,
-    key: int = 0,
+    key: int | None = None,
     moment_betas: tuple[float, float] | None = None,
 ) -> optax.GradientTransformation:
     """Runs ``inner`` on low-rank projections of the large 2-D gradients.
@@ -210,12 +210,13 @@ def low_rank_projection(
       projector: ``SVDProjector()`` (GaLore), ``COAPProjector(...)``,
         ``SubTrackProjector(...)``, or their names.
       update_interval: ``T``, steps between projector events (on the step count before
-        the increment: ``t = 0, T, 2T, ...``).
+        the increment: ``t = 0, T, 2T, ...``; default 200).
       scale: ``alpha``, the factor on back-projected updates (0.25 in the papers).
-      min_dim: leaves with ``min(m, n) < min_dim`` are not projected.
+      min_dim: leaves with ``min(m, n) < min_dim`` are not projected (default 128).
       mask: optax mask (tree or callable) of leaves that may be projected.
       moments: ``keep``, ``reset`` or ``rotate`` the inner moments when ``S`` changes.
-      proj_dtype: storage dtype of ``S`` (``float32`` or ``bfloat16``); math in float32.
+      proj_dtype: storage dtype of ``S`` (``float32``, the default, or ``bfloat16``);
+        math in float32.
       reshape: leaves of rank > 2 are viewed as ``(prod(shape[:-1]), shape[-1])`` (e.g.
         a conv kernel ``(h, w, in, out)`` as ``(h w in, out)``); ``False`` leaves them
         unprojected.
@@ -224,7 +225,7 @@ def low_rank_projection(
         limiter: when the norm of that term grows by more than ``recover_limit`` times
         over the last step, it is scaled down to ``recover_limit`` times the last norm.
       recover_limit: Fira's ``gamma`` (1.01).
-      key: seed of the randomized range finder (COAP).
+      key: seed of the randomized range finder (COAP; default 0).
       moment_betas: ``(b1, b2)`` of an inner Adam that does not carry them (a plain
         ``optax.scale_by_adam``), for ``moments='rotate'``, which bias-corrects the
         moments before rotating them (see the module docstring). An ``AdamLike`` inner
@@ -242,17 +243,17 @@ def low_rank_projection(
     cfg = _Config(
         inner,
         projector_of(projector),
-        rank,
-        update_interval,
+        static_arg("rank", rank, None),
+        static_arg("update_interval", update_interval, 200),
         scale,
-        min_dim,
+        static_arg("min_dim", min_dim, 128),
         mask,
         moments,
-        proj_dtype,
+        static_arg("proj_dtype", proj_dtype, jnp.float32),
         reshape,
         recover,
         recover_limit,
-        key,
+        static_arg("key", key, 0),
         moment_betas,
         _moment_access(inner, moment_betas),
     )
@@ -316,7 +317,7 @@ def _check(cfg: _Config) -> None:
         raise ValueError(f"proj_dtype must be float32 or bfloat16, got {cfg.proj_dtype!r}")
     if not isinstance(cfg.min_dim, int) or cfg.min_dim < 1:
         raise ValueError(f"min_dim must be a positive int, got {cfg.min_dim!r}")
-    if not cfg.recover_limit > 1.0:
+    if isinstance(cfg.recover_limit, numbers.Real) and not cfg.recover_limit > 1.0:
         raise ValueError(
             f"recover_limit must be > 1 (Fira's gamma, 1.01), got {cfg.recover_limit!r}"
         )

@@ -34,6 +34,7 @@ import optax
 
 from lowbit_optax import quantization as qz
 from lowbit_optax._driver import EMPTY, init_leaves, is_empty, map_rows, update_leaves
+from lowbit_optax._util import static_arg
 from lowbit_optax.moments import AdamLike, MomentAccess
 from lowbit_optax.quantization import MAPS, make_codec  # noqa: F401 (re-exported)
 
@@ -76,37 +77,44 @@ def scale_by_quantized_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
-    mu_bits: int = 8,
-    nu_bits: int = 8,
+    mu_bits: int | None = None,
+    nu_bits: int | None = None,
     mu_map: str | qz.Codec | np.ndarray = "dynamic",
     nu_map: str | qz.Codec | np.ndarray | None = None,
-    block_size: int = 128,
+    block_size: int | None = None,
     rounding: str | tuple[str, str] = "nearest",
     scale_dtype: str = "float32",
-    quantile_sample: int = 0,
-    min_size: int = 4096,
-    key: int = 0,
-) -> optax.GradientTransformation:
+    quantile_sample: int | None = None,
+    min_size: int | None = None,
+    key: int | None = None,
+) -> AdamLike:
     """Adam with block-wise quantized moments.
 
     Args:
       b1, b2, eps: Adam's decay rates and denominator epsilon (outside the sqrt); traced
         hyperparameters under ``optax.inject_hyperparams``.
-      mu_bits, nu_bits: code widths (8, 4, 3, 2; 1 allowed) of the two moments.
+      mu_bits, nu_bits: code widths (8, 4, 3, 2; 1 allowed) of the two moments
+        (default 8).
       mu_map: signed map of the first moment: ``dynamic``, ``linear``, a level table or
         a ``Codec``.
       nu_map: unsigned map of the second moment: ``dynamic``, ``linear_zero_free``,
         ``linear``, ``log`` (SOLO), a table or a ``Codec``. Default: ``dynamic`` at 8
         bits, else ``linear_zero_free`` (a zero level would make ``1/sqrt(nu)`` explode).
-      block_size: values per block along the last axis (multiple of 8).
+      block_size: values per block along the last axis (multiple of 8; default 128).
       rounding: ``nearest``, ``stochastic`` or ``stochastic_log`` (log map only); one
         name for both moments or a ``(mu, nu)`` pair.
       scale_dtype: ``float32`` or ``bfloat16`` per-block scales.
-      quantile_sample: log map only: 0 takes each block's 10% quantile exactly (a sort
-        of the block), ``k`` estimates it from every ``block_size // k``-th value.
+      quantile_sample: log map only: 0 (the default) takes each block's 10% quantile
+        exactly (a sort of the block), ``k`` estimates it from every
+        ``block_size // k``-th value.
       min_size: leaves with fewer elements (from the global shape), and scalars, stay
-        float32.
-      key: seed of the stochastic-rounding key stored in the state.
+        float32 (default 4096).
+      key: seed of the stochastic-rounding key stored in the state (default 0).
+
+    The arguments that set the state's shapes default to ``None`` (the value given
+    above), so ``optax.inject_hyperparams(scale_by_quantized_adam)()`` traces only
+    ``b1``, ``b2`` and ``eps``; one passed as a number under it must be listed in
+    ``static_args`` (the error says so).
 
     Returns:
       An ``AdamLike`` (an ``optax.GradientTransformation`` whose ``moments`` decode and
@@ -115,8 +123,7 @@ def scale_by_quantized_adam(
 
     Memory per parameter (quantized leaves, block B, f32 scales): ``(mu_bits +
     nu_bits)/8 + 8/B`` bytes, plus ``4/B`` for the log map's bases (8-bit: 2.0625 at
-    B = 128); float32 leaves 8 bytes. Static arguments under ``inject_hyperparams``:
-    ``mu_bits, nu_bits, block_size, min_size, key``.
+    B = 128); float32 leaves 8 bytes.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -130,6 +137,10 @@ def scale_by_quantized_adam(
       Xu et al., Pushing the Limits of Low-Bit Optimizers: A Focus on EMA Dynamics,
       arXiv 2505.00347 (SOLO).
     """
+    mu_bits, nu_bits = static_arg("mu_bits", mu_bits, 8), static_arg("nu_bits", nu_bits, 8)
+    block_size = static_arg("block_size", block_size, 128)
+    quantile_sample = static_arg("quantile_sample", quantile_sample, 0)
+    min_size, key = static_arg("min_size", min_size, 4096), static_arg("key", key, 0)
     if not isinstance(min_size, int) or min_size < 0:
         raise ValueError(f"min_size must be a non-negative int, got {min_size!r}")
     mu_round, nu_round = (rounding, rounding) if isinstance(rounding, str) else rounding

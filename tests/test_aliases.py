@@ -48,8 +48,52 @@ def test_coap_8bit_signature_is_coap_adamw_s_with_its_own_defaults() -> None:
     sig = inspect.signature(lowbit_optax.coap_adamw_8bit).parameters
     coap = inspect.signature(lowbit_optax.coap_adamw).parameters
     assert set(coap) - {"inner"} <= set(sig)
-    assert sig["proj_dtype"].default is jnp.bfloat16 and sig["block_size"].default == 64
+    # shape-setting defaults are None (inject_hyperparams finds nothing to trace there),
+    # resolved to the 8-bit recipe's own: S in bfloat16, blocks of 64
+    assert sig["proj_dtype"].default is None and sig["block_size"].default is None
     assert not any(p.kind == p.VAR_KEYWORD for p in sig.values())
-    tx = lowbit_optax.coap_adamw_8bit(1e-3, rank=4, min_dim=8, update_interval=3)
+    tx = lowbit_optax.coap_adamw_8bit(1e-3, rank=4, min_dim=8, update_interval=3, min_size=1)
     state = tx.init({"w": jnp.ones((32, 16))})
     assert state[0].projectors["w"].shape == (16, 4)
+    assert state[0].projectors["w"].dtype == jnp.bfloat16
+    # the inner state is 32 x 4; each row padded to one 8-bit block of 64 values
+    assert state[0].inner_state.mu_codes["w"].shape == (32, 64)
+
+
+_SHAPE_SETTING = [
+    ("adamw_8bit", "block_size", 64),
+    ("adamw_4bit", "min_size", 16),
+    ("solo_adamw", "quantile_sample", 8),
+    ("slim_adamw", "block_size", 64),
+    ("galore_adamw", "rank", 4),
+    ("coap_adamw", "update_interval", 10),
+    ("subtrack_adamw", "min_dim", 8),
+    ("coap_adamw_8bit", "proj_dtype", jnp.float32),
+    ("mfac", "num_grads", 8),
+    ("sparse_mfac", "density", 0.05),
+    ("ggt", "num_grads", 8),
+]
+
+
+@pytest.mark.parametrize(("name", "arg", "value"), _SHAPE_SETTING)
+def test_shape_setting_argument_under_inject_hyperparams_names_the_fix(name, arg, value):
+    """Every alias works under ``optax.inject_hyperparams`` with no ``static_args`` (the
+    battery's ``inject_defaults``); an argument that sets shapes, passed there
+    explicitly, is traced and must be static: the error says which and how."""
+    alias, params = getattr(lowbit_optax, name), {"w": jnp.ones((32, 16))}
+    tx = optax.inject_hyperparams(alias)(learning_rate=1e-3, **{arg: value})
+    with pytest.raises(ValueError, match=rf"{arg} sets the shapes.*static_args=\('{arg}',\)"):
+        tx.init(params)
+    optax.inject_hyperparams(alias, static_args=(arg,))(learning_rate=1e-3, **{arg: value}).init(
+        params
+    )
+
+
+def test_solo_adapts_its_quantile_sample_to_small_blocks():
+    params = {"w": jnp.ones((4, 64))}
+    for block in (8, 24, 32):  # 16 divides neither 8 nor 24
+        tx = lowbit_optax.solo_adamw(1e-3, block_size=block, min_size=1)
+        u, _ = tx.update(params, tx.init(params), params)
+        assert jnp.all(jnp.isfinite(u["w"]))
+    with pytest.raises(ValueError, match="quantile_sample must be"):
+        lowbit_optax.solo_adamw(1e-3, block_size=32, quantile_sample=5)

@@ -54,6 +54,9 @@ CHECKS = (
     "rosenbrock",
     "no_recompilation",
     "inject_hyperparams",
+    "inject_defaults",
+    "extra_args",
+    "lr_schedule",
     "multi_steps",
     "update_dtype",
     "state_structure",
@@ -159,6 +162,9 @@ REGISTRY: list[Entry] = [
         xfail={
             "nnx_sharded": "nnx.Optimizer gives every param-structured state leaf its param's "
             "sharding annotation, but adafactor's (1,) placeholders cannot be split 4 ways",
+            "inject_defaults": "inject_hyperparams traces the default "
+            "min_dim_size_to_factor=128, and adafactor branches on it in Python "
+            "(TracerBoolConversionError): it needs static_args",
             "sharded": "adafactor's row/column statistics drop a rank, so the params' "
             "shardings do not map onto them; XLA then re-shards them during update "
             "(v_row['embed'] replicated at init, P('model') after a step)",
@@ -175,6 +181,9 @@ REGISTRY: list[Entry] = [
             "instead of reading shape and dtype only",
             "sharded_explicit": "galore's SVD needs its input unsharded on non-batch dims "
             "(ShardingTypeError on an Explicit mesh)",
+            "inject_defaults": "inject_hyperparams traces the default rank=128 and "
+            "update_proj_gap=200, which set galore's shapes ('rank must be an int'): it "
+            "needs static_args",
             "orbax": "galore keeps zero-size (0, 0) projector placeholders for non-2-D leaves, "
             "which orbax refuses to save ('Cannot save arrays with zero size')",
         },
@@ -202,16 +211,17 @@ def _quantized_adam_bytes(
 
 
 def _scale_by_quantized_adam_lr(
-    learning_rate,
-    mu_bits=8,
-    nu_bits=8,
+    learning_rate: optax.ScalarOrSchedule,
+    mu_bits=None,
+    nu_bits=None,
     rounding="nearest",
     scale_dtype="float32",
-    block_size=128,
-    min_size=4096,
-    key=0,
+    block_size=None,
+    min_size=None,
+    key=None,
 ):
-    """The bare transform, chained with a learning rate so the battery can drive it."""
+    """The bare transform, chained with a learning rate so the battery can drive it
+    (shape-setting arguments default to ``None``, as the library's factories do)."""
     return optax.chain(
         lowbit_optax.scale_by_quantized_adam(
             mu_bits=mu_bits,
@@ -317,10 +327,12 @@ def _SLIM_RULES(path: str, leaf: Any) -> tuple[int, ...] | None:
 _SLIM_STATIC = ("rules", "mu_bits", "nu_bits", "block_size", "min_size", "mu_dtype")
 
 
-def _calibration_lr(learning_rate, every=3, max_records=4):
-    """optax.adamw wrapped in the SNR recorder."""
+def _calibration_lr(learning_rate: optax.ScalarOrSchedule, every=None, max_records=None):
+    """optax.adamw wrapped in the SNR recorder (a record every 3 steps, 4 kept)."""
     return lowbit_optax.snr_calibration(
-        optax.adamw(learning_rate, weight_decay=1e-4), every=every, max_records=max_records
+        optax.adamw(learning_rate, weight_decay=1e-4),
+        every=3 if every is None else every,
+        max_records=4 if max_records is None else max_records,
     )
 
 
@@ -400,22 +412,23 @@ def _projected_bytes(
 
 
 def _low_rank_lr(
-    learning_rate,
-    rank=0.25,
-    min_dim=32,
-    update_interval=2,
-    proj_dtype=jnp.float32,
+    learning_rate: optax.ScalarOrSchedule,
+    rank=None,
+    min_dim=None,
+    update_interval=None,
+    proj_dtype=None,
     projector="subtrack",
     moments="rotate",
     recover=False,
 ):
-    """The bare wrapper around optax.scale_by_adam, chained with a learning rate."""
+    """The bare wrapper around optax.scale_by_adam, chained with a learning rate (rank
+    1/4, min_dim 32, an event every 2 steps by default)."""
     return optax.chain(
         lowbit_optax.low_rank_projection(
             optax.scale_by_adam(),
-            rank=rank,
-            min_dim=min_dim,
-            update_interval=update_interval,
+            rank=0.25 if rank is None else rank,
+            min_dim=32 if min_dim is None else min_dim,
+            update_interval=2 if update_interval is None else update_interval,
             proj_dtype=proj_dtype,
             projector=projector,
             moments=moments,
@@ -427,14 +440,27 @@ def _low_rank_lr(
 
 
 def _low_rank_8bit_lr(
-    learning_rate, rank=0.25, min_dim=32, update_interval=2, block_size=64, min_size=256
+    learning_rate: optax.ScalarOrSchedule,
+    rank=None,
+    min_dim=None,
+    update_interval=None,
+    block_size=None,
+    min_size=None,
 ):
     """GaLore's projector over the 8-bit Adam, its moments rotated at each refresh through
-    the quantized state's moment access (betas read from it)."""
-    inner = lowbit_optax.scale_by_quantized_adam(block_size=block_size, min_size=min_size)
+    the quantized state's moment access (betas read from it); rank 1/4, min_dim 32, an
+    event every 2 steps, blocks of 64, quantized from 256 elements by default."""
+    inner = lowbit_optax.scale_by_quantized_adam(
+        block_size=64 if block_size is None else block_size,
+        min_size=256 if min_size is None else min_size,
+    )
     return optax.chain(
         lowbit_optax.low_rank_projection(
-            inner, rank=rank, min_dim=min_dim, update_interval=update_interval, moments="rotate"
+            inner,
+            rank=0.25 if rank is None else rank,
+            min_dim=32 if min_dim is None else min_dim,
+            update_interval=2 if update_interval is None else update_interval,
+            moments="rotate",
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -539,8 +565,11 @@ def _window_bytes(params: Any, m: int, density: float | None) -> int:
     return 4 + 8 + window + 4 * m * m
 
 
-def _ef_sgd(learning_rate, compressor=None, accumulator_dtype=jnp.float32):
-    """Error-feedback SGD: the transform chained before optax.sgd."""
+def _ef_sgd(learning_rate: optax.ScalarOrSchedule, compressor=None, accumulator_dtype=None):
+    """Error-feedback SGD: the transform (top-k at 10% in blocks of 64 by default)
+    chained before optax.sgd."""
+    if compressor is None:
+        compressor = lowbit_optax.top_k(0.1, block_size=64)
     return optax.chain(
         lowbit_optax.error_feedback(compressor, accumulator_dtype=accumulator_dtype),
         optax.sgd(learning_rate),
@@ -874,6 +903,73 @@ def test_inject_hyperparams(entry: Entry):
     state.hyperparams["learning_rate"] = jnp.asarray(2 * lr)
     u2, _ = jax.jit(tx.update)(grads_seq[0], state, params)
     chex.assert_trees_all_close(u2, jax.tree.map(lambda u: 2 * u, plain[0]), rtol=1e-5, atol=1e-7)
+
+
+# The numeric hyperparameters every Adam-like alias takes, and values that change its
+# second update (from the defaults 0.9, 0.999, small eps, small weight decay)
+_INJECTED = {"b1": 0.5, "b2": 0.9, "eps": 0.5, "weight_decay": 0.5, "damping": 0.5}
+
+
+@pytest.mark.parametrize("entry", cases("inject_defaults"))
+def test_inject_hyperparams_with_defaults(entry: Entry):
+    """``optax.inject_hyperparams(factory)(learning_rate=lr)``, as with ``optax.adamw``:
+    no ``static_args``, every other argument at its default. The updates equal the plain
+    transform's, and the numeric hyperparameters it injects act when set."""
+    params = make_params()
+    grads_seq = [grads_at(params), jax.tree.map(lambda g: -0.5 * g, grads_at(params))]
+    lr = entry.learning_rate
+    injected = optax.inject_hyperparams(entry.factory)
+    plain, _ = _run_updates(entry.factory(learning_rate=lr), params, grads_seq)
+    inj, _ = _run_updates(injected(learning_rate=lr), params, grads_seq)
+    chex.assert_trees_all_close(inj, plain, rtol=1e-5, atol=1e-7)
+    tx = injected(learning_rate=lr)
+    names = sorted(set(_INJECTED) & set(tx.init(params).hyperparams))
+    for name in ["learning_rate", *names]:
+        state = tx.init(params)
+        state.hyperparams[name] = jnp.asarray(
+            2 * lr if name == "learning_rate" else _INJECTED[name]
+        )
+        update = jax.jit(tx.update)
+        _, state = update(grads_seq[0], state, params)
+        u, _ = update(grads_seq[1], state, params)
+        diff = max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(*map(jax.tree.leaves, (u, plain[1])), strict=True)
+        )
+        assert diff > 1e-6, f"{entry.name}: setting hyperparams[{name!r}] did not change the update"
+
+
+@pytest.mark.parametrize("entry", cases("extra_args"))
+def test_update_accepts_extra_args(entry: Entry):
+    """``update(..., some_keyword=...)`` is accepted and ignored
+    (``optax.GradientTransformationExtraArgs``), as optax's optimizers do."""
+    params = make_params()
+    tx = entry.make()
+    assert isinstance(tx, optax.GradientTransformationExtraArgs), type(tx)
+    state = tx.init(params)
+    u, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, unexpected_extra_arg=1))(
+        grads_at(params), state, params
+    )
+    want, _ = jax.jit(tx.update)(grads_at(params), tx.init(params), params)
+    chex.assert_trees_all_close(u, want)
+
+
+@pytest.mark.parametrize("entry", cases("lr_schedule"))
+def test_learning_rate_schedule(entry: Entry):
+    """Where ``learning_rate`` is annotated ``ScalarOrSchedule``, a constant schedule
+    gives the same updates as the number."""
+    import inspect
+
+    annotation = inspect.signature(entry.factory).parameters["learning_rate"].annotation
+    schedules = (optax.ScalarOrSchedule, optax.ScalarOrSchedule | None)
+    if annotation not in schedules and "ScalarOrSchedule" not in str(annotation):
+        pytest.fail(f"{entry.name}: learning_rate is annotated {annotation!r}")
+    params = make_params()
+    grads_seq = [grads_at(params), jax.tree.map(lambda g: -0.5 * g, grads_at(params))]
+    lr = entry.learning_rate
+    plain, _ = _run_updates(entry.make(lr), params, grads_seq)
+    sched, _ = _run_updates(entry.make(optax.constant_schedule(lr)), params, grads_seq)
+    chex.assert_trees_all_close(sched, plain, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("entry", cases("multi_steps"))

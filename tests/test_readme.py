@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -85,3 +87,12 @@ def test_step_memory_example_runs(capsys):
     # and within issue 16's limit: params + grads + state + 1 byte/param
     got = eval(out[1])  # a dict literal printed by the example
     assert got["update_peak"] <= 4 + 4 + got["state"] + 1.0
+
+
+def test_inject_hyperparams_example_runs():
+    (code,) = [b for b in _blocks("python") if "inject_hyperparams" in b]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    state = scope["state"]
+    assert float(state.hyperparams["learning_rate"]) == pytest.approx(3e-4)
+    assert set(state.hyperparams) >= {"learning_rate", "b1", "b2", "eps", "weight_decay"}

@@ -363,7 +363,9 @@ def test_bad_rules_fail_at_init_with_clear_errors():
     with pytest.raises(ValueError, match="tuple of ints or None"):
         lo.slim_adamw(1e-3, rules=lambda p, x: "rows").init(PARAMS)
     with pytest.raises(ValueError, match="rules must be"):
-        lo.slim_adamw(1e-3, rules=None)
+        lo.scale_by_slim_adam(rules=None)
+    with pytest.raises(ValueError, match="rules must be"):
+        lo.slim_adamw(1e-3, rules=3)
     with pytest.raises(ValueError, match="mu_bits"):
         lo.slim_adamw(1e-3, rules=NONE, mu_bits=5)
     with pytest.raises(ValueError, match="b2"):

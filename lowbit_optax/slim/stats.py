@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from lowbit_optax._driver import EMPTY, is_empty
-from lowbit_optax._util import leaves_with_paths, unflatten_like
+from lowbit_optax._util import leaves_with_paths, static_arg, unflatten_like
 
 __all__ = [
     "SNRCalibrationState",
@@ -148,7 +148,10 @@ def _find_nu(state: Any) -> Any:
 
 
 def snr_calibration(
-    inner: optax.GradientTransformation, *, every: int = 100, max_records: int = 16
+    inner: optax.GradientTransformation,
+    *,
+    every: int | None = None,
+    max_records: int | None = None,
 ) -> optax.GradientTransformation:
     """Records the SNR table of an Adam second moment while ``inner`` trains.
 
@@ -162,14 +165,17 @@ def snr_calibration(
     Args:
       inner: an optimizer whose state holds one Adam ``nu`` field (``optax.adamw``,
         ``optax.adam``, ``optax.scale_by_adam`` or a chain containing one).
-      every: steps between records after the first.
-      max_records: records kept (a ring: later records overwrite the oldest).
+      every: steps between records after the first (default 100).
+      max_records: records kept (a ring: later records overwrite the oldest; default
+        16).
 
     Example:
       >>> import jax.numpy as jnp, optax
       >>> tx = snr_calibration(optax.adamw(1e-4), every=100)
       >>> state = tx.init({"w": jnp.zeros((64, 32))})
     """
+    every = static_arg("every", every, 100)
+    max_records = static_arg("max_records", max_records, 16)
     for name, v in (("every", every), ("max_records", max_records)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -195,8 +201,10 @@ def snr_calibration(
             records_like(nu),
         )
 
-    def update_fn(updates, state, params=None):
-        updates, inner_state = inner.update(updates, state.inner_state, params)
+    def update_fn(updates, state, params=None, **extra_args):
+        updates, inner_state = optax.with_extra_args_support(inner).update(
+            updates, state.inner_state, params, **extra_args
+        )
         count = optax.safe_increment(state.count)
         take = (count == 1) | (count % every == 0)
         nu = _find_nu(inner_state)
@@ -215,7 +223,7 @@ def snr_calibration(
         num = state.num_records + take.astype(jnp.int32)
         return updates, SNRCalibrationState(inner_state, count, num, steps, records)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 _F32_MAX = float(np.finfo(np.float32).max)

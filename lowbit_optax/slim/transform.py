@@ -26,7 +26,7 @@ import optax
 
 from lowbit_optax import quantization as qz
 from lowbit_optax._driver import EMPTY, fields_of, init_leaves, map_rows, update_leaves
-from lowbit_optax._util import forwarding_signature, leaves_with_paths, zeros_for
+from lowbit_optax._util import forwarding_signature, leaves_with_paths, static_arg, zeros_for
 from lowbit_optax.slim.rules import Rules, resolve_rules
 from lowbit_optax.slim.stats import Axes, SNRCalibrationState
 
@@ -76,6 +76,16 @@ class _Plan(NamedTuple):
     axes: Axes
     mu_q: bool
     nu_q: bool
+
+
+def _static(mu_bits, nu_bits, block_size, min_size):
+    """The quantization arguments with their defaults resolved (block 128, 4096)."""
+    return (
+        static_arg("mu_bits", mu_bits, None),
+        static_arg("nu_bits", nu_bits, None),
+        static_arg("block_size", block_size, 128),
+        static_arg("min_size", min_size, 4096),
+    )
 
 
 def _check_config(b1, b2, eps, mu_bits, nu_bits, min_size):
@@ -140,8 +150,8 @@ def scale_by_slim_adam(
     nu_bits: int | None = None,
     mu_map: str | qz.Codec = "dynamic",
     nu_map: str | qz.Codec | None = None,
-    block_size: int = 128,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
 ) -> optax.GradientTransformation:
     """Adam whose second moment is averaged over a per-leaf axis set (SlimAdam).
 
@@ -162,8 +172,8 @@ def scale_by_slim_adam(
       nu_bits: quantize the reduced second moment where it still has >= ``min_size``
         elements (unsigned map: 8-bit dynamic tree, else zero-free linear).
       mu_map, nu_map: map names or ``Codec`` values for the two moments.
-      block_size: quantization block along the last axis.
-      min_size: smallest leaf (elements) that is quantized.
+      block_size: quantization block along the last axis (default 128).
+      min_size: smallest leaf (elements) that is quantized (default 4096).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -183,6 +193,7 @@ def scale_by_slim_adam(
     References:
       Kalra et al., When Can You Get Away with Low Memory Adam?, arXiv 2503.01843.
     """
+    mu_bits, nu_bits, block_size, min_size = _static(mu_bits, nu_bits, block_size, min_size)
     _check_config(b1, b2, eps, mu_bits, nu_bits, min_size)
     if rules is None or not (callable(rules) or isinstance(rules, Mapping)):
         raise ValueError(
@@ -392,9 +403,11 @@ def slim_state_from_adam(adam_state: Any, rules: Rules, **quantization: Any) -> 
             f"scale_by_slim_adam's quantization arguments {list(_QUANTIZATION)}"
         )
     q = {**_QUANTIZATION, **quantization}
-    mu_bits, min_size = q["mu_bits"], q["min_size"]
-    _check_config(0.9, 0.999, 0.0, mu_bits, q["nu_bits"], min_size)
-    mu_codec, nu_codec = _codecs(mu_bits, q["nu_bits"], q["mu_map"], q["nu_map"], q["block_size"])
+    mu_bits, nu_bits, block_size, min_size = _static(
+        q["mu_bits"], q["nu_bits"], q["block_size"], q["min_size"]
+    )
+    _check_config(0.9, 0.999, 0.0, mu_bits, nu_bits, min_size)
+    mu_codec, nu_codec = _codecs(mu_bits, nu_bits, q["mu_map"], q["nu_map"], block_size)
     is_adam = lambda x: isinstance(x, (optax.ScaleByAdamState, SNRCalibrationState))
 
     def convert(s: Any) -> Any:
