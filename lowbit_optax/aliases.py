@@ -66,10 +66,8 @@ def adamw_8bit(
 
     Args:
       learning_rate, b1, b2, eps, weight_decay, mask: as ``optax.adamw``.
-      block_size: values per quantization block along the last axis (multiple of 8;
-        default 128).
-      min_size: leaves with fewer elements (and scalars) keep float32 moments (default
-        4096).
+      block_size: values per block along the last axis (multiple of 8; default 128).
+      min_size: smaller leaves (and scalars) keep float32 moments (default 4096).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -119,10 +117,8 @@ def adamw_4bit(
 
     Args:
       learning_rate, b1, b2, eps, weight_decay, mask: as ``optax.adamw``.
-      block_size: values per quantization block along the last axis (multiple of 8;
-        default 128).
-      min_size: leaves with fewer elements (and scalars) keep float32 moments (default
-        4096).
+      block_size: values per block along the last axis (multiple of 8; default 128).
+      min_size: smaller leaves (and scalars) keep float32 moments (default 4096).
 
     Example:
       >>> import jax.numpy as jnp
@@ -181,13 +177,11 @@ def solo_adamw(
       b1: first-moment decay; default by precision (``SOLO_B1``: 0.8 at 4 bits, 0.7 at
         3, 0.6 at 2), the paper's remedy for swamped low-bit EMA updates.
       bits: ``(mu_bits, nu_bits)``: ``(4, 2)``, ``(3, 3)`` or ``(2, 2)``.
-      block_size: values per quantization block along the last axis (multiple of 8;
-        default 128).
+      block_size: values per block along the last axis (multiple of 8; default 128).
       quantile_sample: values per block the quantile is estimated from (divides
         ``block_size``), or 0 for the exact quantile. Default: 16, or 8 when 16 does
         not divide ``block_size``.
-      min_size: leaves with fewer elements (and scalars) keep float32 moments (default
-        4096).
+      min_size: smaller leaves (and scalars) keep float32 moments (default 4096).
       key: seed of the stochastic-rounding noise stored in the state (default 0).
 
     Example:
@@ -251,11 +245,9 @@ def slim_adamw(
       learning_rate, b1, b2, eps, eps_root, weight_decay, mask: as ``optax.adamw``.
       rules: per-leaf averaging axes (``rules_from_snr``, ``rules_from_json``, a
         mapping keyed like the params, or a callable ``(path, leaf) -> axes | None``).
-        Default: ``flax_default_rules``, the paper's published table for GPT-style
-        models in Flax layouts; parameters it does not recognise keep Adam's full
-        second moment. Under ``optax.inject_hyperparams`` a mapping stays static by
-        itself, while a callable must be listed in ``static_args=("rules",)`` (optax
-        takes any callable argument for a schedule).
+        Default: ``flax_default_rules`` (the paper's GPT table in Flax layouts; other
+        parameters keep Adam's full second moment). Under ``optax.inject_hyperparams``
+        a callable needs ``static_args=("rules",)`` (optax calls it as a schedule).
       mu_dtype: dtype of a float first moment.
       mu_bits: quantize the first moment block-wise (8/4/3/2 bits) on leaves of at
         least ``min_size`` elements.
