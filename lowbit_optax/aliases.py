@@ -580,7 +580,7 @@ def mfac(
       learning_rate: step size or schedule. The update is ``F^{-1} g`` with
         ``F = damping I + (1/m) sum g_i g_i^T``, whose scale grows as ``1 / damping``
         along directions the window has not seen: pick the rate together with
-        ``damping`` (the M-FAC papers tune it per task).
+        ``damping`` (``scale_by_mfac`` says how).
       num_grads: window size ``m`` (``4 m`` bytes per parameter; default 1024).
       damping: ``lambda`` of the empirical Fisher (default 1e-4); static, since it
         picks the precision of the window's solve.

@@ -248,6 +248,16 @@ def scale_by_mfac(
     Memory: ``4 m d`` bytes dense, ``8 m k`` sparse (+ ``4 d`` for the accumulator), plus
     ``4 m^2`` for the Gram matrix.
 
+    Choosing the learning rate and ``lam``: along gradients the window holds, ``F^{-1} g``
+    has a length of about ``1 / |g|`` (an empirical Fisher grows with ``g**2``), so the
+    step shrinks as the gradients grow, unlike Adam's unit-scale step, and a rate that
+    suits Adam can barely move a problem with large gradients. Along directions the window
+    has not seen, and near a minimum once the window holds only vanishing gradients, the
+    step is ``g / lam``: with a curvature ``h`` there, iterates overshoot the minimum when
+    ``lr * h / lam > 2`` and oscillate or diverge (a small quadratic at ``lr = 0.1``
+    with the default ``lam = 1e-4`` does). Tune the two together, and on small or
+    well-conditioned problems raise ``lam`` towards the squared gradient scale.
+
     References:
       Frantar et al., M-FAC, NeurIPS 2021; Modoranu et al., arXiv 2306.06098.
     """
