@@ -515,3 +515,19 @@ def test_quantized_reduced_nu_and_bytes():
         optax.adam(1e-3).init(params), rules, mu_bits=4, nu_bits=8, min_size=256
     )
     chex.assert_trees_all_equal_structs(conv[0], tx.init(params))
+
+
+def test_slim_rules_under_inject_hyperparams():
+    """The default rules need nothing; a callable ``rules`` is taken for a schedule by
+    ``optax.inject_hyperparams`` unless static, and the library's own says so."""
+    params = {"mlp": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros((32,))}}
+    plain = lo.slim_adamw(1e-3)
+    injected = optax.inject_hyperparams(lo.slim_adamw)(learning_rate=1e-3)
+    (u1, _), (u2, _) = (t.update(params, t.init(params), params) for t in (plain, injected))
+    chex.assert_trees_all_close(u1, u2, rtol=1e-5)  # float32 vs Python-float betas
+    assert injected.init(params).inner_state[0].nu["mlp"]["kernel"].shape == (16, 1)
+    bad = optax.inject_hyperparams(lo.slim_adamw)(learning_rate=1e-3, rules=lo.flax_default_rules)
+    with pytest.raises(ValueError, match=r"static_args=\('rules',\)"):
+        bad.init(params)
+    ok = optax.inject_hyperparams(lo.slim_adamw, static_args=("rules",))
+    ok(learning_rate=1e-3, rules=lo.flax_default_rules).init(params)

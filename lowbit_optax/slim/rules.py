@@ -152,7 +152,7 @@ _HEAD = {"lm_head", "head", "unembed", "output", "logits"}
 _OUT = {"o", "out", "o_proj", "out_proj", "wo", "proj"}
 
 
-def flax_default_rules(path: str, leaf: Any) -> Axes | None:
+def flax_default_rules(path: str, leaf: Any = None) -> Axes | None:
     """SlimAdam's published GPT rules, translated to Flax NNX's layouts.
 
     The paper's table (PyTorch ``(out, in)`` weights) averages ``q``/``k`` over fan-in,
@@ -170,8 +170,16 @@ def flax_default_rules(path: str, leaf: Any) -> Axes | None:
       ``pos``/``wpe``/``embed``: the model dim, the last axis;
     * norms (``LayerNorm``/``RMSNorm``), biases, any 1-D or other leaf: ``None``.
 
-    Use as ``rules=flax_default_rules``; wrap it to change single layers.
+    Use as ``rules=flax_default_rules`` (``slim_adamw``'s default); wrap it to change
+    single layers.
     """
+    if leaf is None and not isinstance(path, str):
+        raise ValueError(
+            f"flax_default_rules was called with {path!r} instead of (path, leaf): "
+            "optax.inject_hyperparams calls every callable argument as a schedule of the "
+            "step count. Leave rules=None (these rules are slim_adamw's default) or pass "
+            "optax.inject_hyperparams(..., static_args=('rules',))."
+        )
     ndim = len(leaf.shape)
     parts = path.split("/")
     if ndim < 2 or any("norm" in p.lower() for p in parts):
