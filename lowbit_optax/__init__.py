@@ -65,6 +65,7 @@ from lowbit_optax.quantized import (
     scale_by_quantized_adam,
 )
 from lowbit_optax.slim.rules import (
+    PathRules,
     flax_default_rules,
     removed_fraction,
     resolve_rules,
@@ -99,6 +100,7 @@ __all__ = [
     "LowRankProjectionState",
     "MemoryReport",
     "MomentAccess",
+    "PathRules",
     "QuantizedArray",
     "SNRCalibrationState",
     "SVDProjector",

@@ -247,7 +247,7 @@ def slim_adamw(
         mapping keyed like the params, or a callable ``(path, leaf) -> axes | None``).
         Default: ``flax_default_rules`` (the paper's GPT table in Flax layouts; other
         parameters keep Adam's full second moment). Under ``optax.inject_hyperparams``
-        a callable needs ``static_args=("rules",)`` (optax calls it as a schedule).
+        give a function as ``PathRules(fn)`` (optax calls a bare one as a schedule).
       mu_dtype: dtype of a float first moment.
       mu_bits: quantize the first moment block-wise (8/4/3/2 bits) on leaves of at
         least ``min_size`` elements.

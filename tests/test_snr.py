@@ -531,3 +531,12 @@ def test_slim_rules_under_inject_hyperparams():
         bad.init(params)
     ok = optax.inject_hyperparams(lo.slim_adamw, static_args=("rules",))
     ok(learning_rate=1e-3, rules=lo.flax_default_rules).init(params)
+    # a function held as a value needs no static_args, and means what it says
+    mine = lo.PathRules(lambda path, leaf: (0,) if path.endswith("kernel") else None)
+    tx = optax.inject_hyperparams(lo.slim_adamw)(learning_rate=1e-3, rules=mine)
+    u3, s3 = tx.update(params, tx.init(params), params)
+    assert s3.inner_state[0].nu["mlp"]["kernel"].shape == (1, 32)
+    u4, _ = lo.slim_adamw(1e-3, rules=mine.fn).update(
+        params, lo.slim_adamw(1e-3, rules=mine.fn).init(params), params
+    )
+    chex.assert_trees_all_close(u3, u4, rtol=1e-5)

@@ -10,6 +10,7 @@ rules serve a pure-dict param tree and an ``nnx.State``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -22,6 +23,7 @@ from lowbit_optax._util import leaves_with_paths
 from lowbit_optax.slim.stats import Axes, Table, normalize_axes, snr_records
 
 __all__ = [
+    "PathRules",
     "flax_default_rules",
     "removed_fraction",
     "resolve_rules",
@@ -31,7 +33,24 @@ __all__ = [
 ]
 
 RuleFn = Callable[[str, Any], "Axes | Sequence[int] | None"]
-Rules = Mapping[Any, Any] | RuleFn  # nested/flat mapping of paths to axes, or a callable
+
+
+@dataclasses.dataclass(frozen=True)
+class PathRules:
+    """Rules given by a function ``(path, leaf) -> axes | None``, held as a value.
+
+    Not callable itself, so ``optax.inject_hyperparams`` keeps it static: it takes any
+    callable argument for a schedule. ``rules=PathRules(fn)`` works wherever
+    ``rules=fn`` does, and under ``inject_hyperparams`` without ``static_args``.
+
+    Example:
+      >>> rules = PathRules(lambda path, leaf: (1,) if path.endswith("kernel") else None)
+    """
+
+    fn: RuleFn
+
+
+Rules = Mapping[Any, Any] | RuleFn | PathRules  # a mapping of paths to axes, or a function
 
 
 def _default_no_compress(path: str, ndim: int) -> bool:
@@ -177,7 +196,8 @@ def flax_default_rules(path: str, leaf: Any = None) -> Axes | None:
         raise ValueError(
             f"flax_default_rules was called with {path!r} instead of (path, leaf): "
             "optax.inject_hyperparams calls every callable argument as a schedule of the "
-            "step count. Leave rules=None (these rules are slim_adamw's default) or pass "
+            "step count. Leave rules=None (these rules are slim_adamw's default), pass "
+            "rules=PathRules(fn) (a value, kept static), or pass "
             "optax.inject_hyperparams(..., static_args=('rules',))."
         )
     ndim = len(leaf.shape)
@@ -205,6 +225,7 @@ def resolve_rules(rules: Rules, tree: Any) -> list[Axes]:
             "rules_from_snr / rules_from_json), or a callable such as flax_default_rules"
         )
     leaves = leaves_with_paths(tree)
+    rules = rules.fn if isinstance(rules, PathRules) else rules
     if callable(rules) and not isinstance(rules, Mapping):
         raw = [(path, leaf, rules(path, leaf)) for path, leaf in leaves]
     elif isinstance(rules, Mapping):

@@ -27,7 +27,7 @@ import optax
 from lowbit_optax import quantization as qz
 from lowbit_optax._driver import EMPTY, fields_of, init_leaves, map_rows, update_leaves
 from lowbit_optax._util import forwarding_signature, leaves_with_paths, static_arg, zeros_for
-from lowbit_optax.slim.rules import Rules, resolve_rules
+from lowbit_optax.slim.rules import PathRules, Rules, resolve_rules
 from lowbit_optax.slim.stats import Axes, SNRCalibrationState
 
 __all__ = ["ScaleBySlimAdamState", "scale_by_slim_adam", "slim_state_from_adam"]
@@ -195,10 +195,11 @@ def scale_by_slim_adam(
     """
     mu_bits, nu_bits, block_size, min_size = _static(mu_bits, nu_bits, block_size, min_size)
     _check_config(b1, b2, eps, mu_bits, nu_bits, min_size)
-    if rules is None or not (callable(rules) or isinstance(rules, Mapping)):
+    if rules is None or not (callable(rules) or isinstance(rules, Mapping | PathRules)):
         raise ValueError(
             "rules must be a mapping of parameter paths to axis tuples (rules_from_snr, "
-            f"rules_from_json) or a callable (path, leaf) -> axes; got {rules!r}"
+            f"rules_from_json), a callable (path, leaf) -> axes, or PathRules(callable); "
+            f"got {rules!r}"
         )
     mu_codec, nu_codec = _codecs(mu_bits, nu_bits, mu_map, nu_map, block_size)
     plans = lambda tree: _leaf_plans(rules, tree, mu_codec, nu_codec, min_size)
