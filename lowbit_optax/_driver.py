@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowbit_optax._util import on_auto_axes, unflatten_like
+from lowbit_optax._util import mesh_of, on_auto_axes, unflatten_like
 
 EMPTY = optax.MaskedNode()
 
@@ -144,10 +144,13 @@ def _zero_of(x: jax.Array) -> jax.Array:
 def token_of(x: Any) -> jax.Array:
     """A float32 zero that XLA can only compute once ``x`` (its first array) exists."""
     first = jax.tree.leaves(x)[0]
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh = mesh_of(first)
     if not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types:
         # one element of a sharded array: let XLA's propagation fetch it
-        return jax.sharding.auto_axes(_zero_of, out_sharding=jax.sharding.PartitionSpec())(first)
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.sharding.auto_axes(_zero_of, out_sharding=jax.sharding.PartitionSpec())(
+                first
+            )
     return _zero_of(first)
 
 

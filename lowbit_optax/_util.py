@@ -44,12 +44,27 @@ def on_auto_axes(fn, extra, *arrays):
     a split last axis, which only XLA's propagation can lay out. Outputs keep the
     shardings of the matching inputs (the update the gradient's, each state field its
     own), so the state's layout is the same after every step."""
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh = mesh_of(arrays)
     if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
         return fn(extra, *arrays)
     spec = lambda a: a if isinstance(a, optax.MaskedNode) else jax.typeof(a).sharding.spec
     out_sharding = tuple(spec(a) for a in arrays)
-    return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(extra, *arrays)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(extra, *arrays)
+
+
+def mesh_of(tree: Any) -> Any:
+    """The context mesh, else the mesh of the first array of ``tree`` that has one: the
+    arrays' own sharding types decide, so a step jitted without ``jax.set_mesh`` on
+    Explicit-axes params is handled as one inside it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh
+    for a in jax.tree.leaves(tree):
+        m = getattr(jax.typeof(a).sharding, "mesh", None)
+        if m is not None and not m.empty:
+            return m
+    return mesh
 
 
 def _is_nnx_variable(x: Any) -> bool:
@@ -117,11 +132,12 @@ def auto_axes_like_inputs(fn, *args):
     such as SVD and QR need unsharded operands, which XLA's propagation arranges) and each
     output keeps the sharding of the matching input (the update the gradient's, the state
     its own)."""
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh = mesh_of(args)
     if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
         return fn(*args)
     specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, args)
-    return jax.sharding.auto_axes(fn, out_sharding=specs)(*args)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(fn, out_sharding=specs)(*args)
 
 
 def forwarding_signature(fn: Callable[..., Any], target: Callable[..., Any], drop=()) -> Any:
