@@ -417,6 +417,12 @@ def _projected_bytes(
     return 4 + 8 + proj_item * s_entries + inner_bytes(tree) + (4 * n_projected if recover else 0)
 
 
+def _projection_args(rank, min_dim, update_interval) -> dict[str, Any]:
+    """The bare wrappers' defaults: rank 1/4, min_dim 32, an event every 2 steps."""
+    given = dict(rank=rank, min_dim=min_dim, update_interval=update_interval)
+    return {**_PROJ, "update_interval": 2} | {k: v for k, v in given.items() if v is not None}
+
+
 def _low_rank_lr(
     learning_rate: optax.ScalarOrSchedule,
     rank=None,
@@ -432,9 +438,7 @@ def _low_rank_lr(
     return optax.chain(
         lowbit_optax.low_rank_projection(
             optax.scale_by_adam(),
-            rank=0.25 if rank is None else rank,
-            min_dim=32 if min_dim is None else min_dim,
-            update_interval=2 if update_interval is None else update_interval,
+            **_projection_args(rank, min_dim, update_interval),
             proj_dtype=proj_dtype,
             projector=projector,
             moments=moments,
@@ -463,9 +467,7 @@ def _low_rank_8bit_lr(
     return optax.chain(
         lowbit_optax.low_rank_projection(
             inner,
-            rank=0.25 if rank is None else rank,
-            min_dim=32 if min_dim is None else min_dim,
-            update_interval=2 if update_interval is None else update_interval,
+            **_projection_args(rank, min_dim, update_interval),
             moments="rotate",
         ),
         optax.scale_by_learning_rate(learning_rate),
