@@ -64,6 +64,7 @@ from lowbit_optax.quantized import (
     ScaleByQuantizedAdamState,
     scale_by_quantized_adam,
 )
+from lowbit_optax.sharding import sharded_init, state_shardings
 from lowbit_optax.slim.rules import (
     PathRules,
     flax_default_rules,
@@ -141,6 +142,7 @@ __all__ = [
     "scale_by_mfac",
     "scale_by_quantized_adam",
     "scale_by_slim_adam",
+    "sharded_init",
     "slim_adamw",
     "slim_state_from_adam",
     "snr",
@@ -151,6 +153,7 @@ __all__ = [
     "sparse_ggt",
     "sparse_mfac",
     "state_bytes",
+    "state_shardings",
     "step_memory",
     "subtrack_adamw",
     "top_k",

@@ -93,10 +93,14 @@ def unflatten_like(params: Any, values: list[Any], *, replicate: bool = False) -
         names = node.get_metadata().get("out_sharding")
         shape, old = getattr(value, "shape", None), getattr(node.get_value(), "shape", None)
         if names is not None and shape is not None and old is not None:
-            # one name per axis of the state leaf (a scalar gets none)
+            # one name per axis of the state leaf (a scalar gets none); a leaf with
+            # extra leading axes (a window's slots) lines up with the param from the end
+            lead = max(0, len(shape) - len(old))
             kept = tuple(
-                names[i]
-                if not replicate and i < len(names) and i < len(old) and shape[i] == old[i]
+                names[i - lead]
+                if not replicate
+                and 0 <= i - lead < min(len(names), len(old))
+                and shape[i] == old[i - lead]
                 else None
                 for i in range(len(shape))
             )
@@ -106,11 +110,44 @@ def unflatten_like(params: Any, values: list[Any], *, replicate: bool = False) -
     return treedef.unflatten(out)
 
 
-def zeros_for(param: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """Zeros of ``shape`` for a state leaf derived from ``param`` (same rank).
+def fit_spec(
+    shape: tuple[int, ...],
+    param_shape: tuple[int, ...],
+    spec: Any,
+    axis_sizes: dict[str, int],
+) -> jax.sharding.PartitionSpec:
+    """The param's ``spec`` laid onto a state leaf of ``shape`` taken from the param.
 
-    On a mesh with Explicit axes the result is laid out like ``param`` on every axis
-    whose size is unchanged and replicated on the others (as the update will produce it);
+    The leaf's axes are aligned with the param's from the last axis (a leaf with extra
+    leading axes, such as the ``m`` slots of a gradient window, lines up with its
+    param). An aligned axis keeps the param's mesh axes where its size equals the
+    param's; the last axis also where its size differs but the shards still divide it
+    (a blocked, packed or selected last axis: quantization codes and scales, a sparse
+    window's kept entries, PowerSGD's ``Q^T``). All other axes are replicated.
+    ``axis_sizes`` is the mesh's ``{name: size}``. Trailing ``None``s are dropped (the
+    canonical form XLA hands back, so a jitted step's cache key does not change).
+    """
+    spec = tuple(spec) + (None,) * (len(param_shape) - len(spec))
+    out: list[Any] = [None] * len(shape)
+    for back in range(1, min(len(shape), len(param_shape)) + 1):
+        names = spec[-back]
+        axes = (names,) if isinstance(names, str) else tuple(names or ())
+        ways = int(np.prod([axis_sizes[a] for a in axes]))
+        size = shape[-back]
+        if ways > 1 and (
+            size == param_shape[-back] or (back == 1 and size > 0 and size % ways == 0)
+        ):
+            out[-back] = names
+    while out and out[-1] is None:
+        out.pop()
+    return jax.sharding.PartitionSpec(*out)
+
+
+def zeros_for(param: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Zeros of ``shape`` for a state leaf derived from ``param``.
+
+    On a mesh with Explicit axes the result is laid out as ``fit_spec`` maps the
+    param's sharding onto it (what ``lowbit_optax.state_shardings`` recommends);
     elsewhere plain ``jnp.zeros`` (``init`` reads shapes only).
     """
     mesh = jax.sharding.get_abstract_mesh()
@@ -120,9 +157,8 @@ def zeros_for(param: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
         except (AttributeError, TypeError):
             spec = None
         if spec is not None:
-            spec = spec + (None,) * (len(shape) - len(spec))
-            kept = [s if shape[i] == param.shape[i] else None for i, s in enumerate(spec)]
-            return jnp.zeros(shape, dtype, out_sharding=jax.sharding.PartitionSpec(*kept))
+            out = fit_spec(tuple(shape), tuple(param.shape), spec, dict(mesh.shape))
+            return jnp.zeros(shape, dtype, out_sharding=out)
     return jnp.zeros(shape, dtype)
 
 

@@ -19,6 +19,16 @@ A sparse compressor (``top_k``, ``random_k``) makes the window sparse: ``m x k``
 values and ``m x k`` int32 indices instead of ``m x d`` floats (``8 m k`` vs ``4 m d``
 bytes: ~50x less at 1% density).
 
+**Decision (layout):** the window is kept per param (``ScaleByWindowState``): each
+param's slice of ``G`` has the param's axes, so the window shards along ``d`` as the
+params do (``lowbit_optax.state_shardings``), and ``G x`` is a sum of per-param partial
+dot products (an all-reduce of ``m`` floats under a mesh) while ``G^T z`` stays local.
+The ``m x m`` Gram matrix and its algebra are replicated. For the same reason a sparse
+compressor selects on every *row* of a param (along its last axis: ``k = round(density
+* cols)`` entries per row, the paper's per-block Top-K with the row as the block), not
+over the whole model: no selection spans shards of a row-split param. ``init`` checks
+that one device's share of the window fits the device's memory, before allocating.
+
 **Decision (precision):** the vector preconditioned is always the newest window row
 (``x = G^T e_s``, slot ``s``), so both closed forms are evaluated in their
 cancellation-free forms, exactly equal in exact arithmetic:
@@ -41,6 +51,7 @@ References:
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any, NamedTuple
 
@@ -49,8 +60,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import optax
 
-from lowbit_optax._driver import EMPTY
-from lowbit_optax._util import auto_axes_like_inputs, static_arg
+from lowbit_optax._driver import EMPTY, fields_of, init_leaves, is_empty
+from lowbit_optax._util import auto_axes_like_inputs, static_arg, zeros_for
 from lowbit_optax.error_feedback import Compressor
 
 __all__ = ["ScaleByWindowState", "ggt_apply", "mfac_apply", "scale_by_ggt", "scale_by_mfac"]
@@ -61,21 +72,38 @@ HIGH_PRECISION_DAMPING = 1e-6
 class ScaleByWindowState(NamedTuple):
     """State of ``scale_by_mfac`` / ``scale_by_ggt``.
 
+    The window is kept per param: the rows of ``G`` restricted to one param are that
+    param's slice of the window, laid out with the param's own axes, so the ``(m, d)``
+    window shards along ``d`` exactly as the params do (``lowbit_optax.state_shardings``)
+    and only the small ``m x m`` algebra is replicated.
+
     Attributes:
       count: int32 steps taken (the next slot is ``count % m``).
       key: raw ``uint32`` PRNG key data (random compressors), folded with the step.
-      values: the window: ``(m, d)`` float32 dense, or ``(m, k)`` float32 values.
-      indices: ``(m, k)`` int32 positions of ``values`` in the flattened vector (sparse
-        windows); ``()`` for dense windows.
+      values: a tree like the params: ``(m, *p.shape)`` float32 (dense windows), or
+        ``(m, *p.shape[:-1], k)`` float32, the ``k`` entries each row of ``p`` (along
+        its last axis) kept by the compressor (sparse windows).
+      indices: a tree like the params: ``(m, *p.shape[:-1], k)`` int32 positions of
+        ``values`` along the param's last axis (``>= p.shape[-1]``: empty); ``EMPTY``
+        leaves for dense windows.
       gram: ``(m, m)`` float32 ``K = G G^T`` (zero rows/columns for empty slots).
-      error: ``(d,)`` error-feedback accumulator (with a compressor), else ``()``.
+      error: a tree like the params: the error-feedback accumulator (with a
+        compressor), else ``EMPTY`` leaves.
     """
 
     count: jax.Array
     key: jax.Array
-    values: jax.Array
+    values: Any
     indices: Any
     gram: jax.Array
+    error: Any
+
+
+class _Leaf(NamedTuple):
+    """One param's slice of the window's per-parameter fields."""
+
+    values: jax.Array
+    indices: Any
     error: Any
 
 
@@ -131,19 +159,74 @@ def ggt_apply(values, indices, gram, x, eps, floor=1e-6):
     return ux1 + (x - uux) / eps
 
 
-def _mfac_newest(values, indices, gram, slot, damping, m, d, solve_dtype):
-    """``F^{-1} x`` for the newest row ``x = G^T e_slot``: ``m G^T (lam m I + K)^{-1} e_s``."""
+def _mfac_newest(gram, slot, damping, m, solve_dtype):
+    """The coefficients ``z`` of ``F^{-1} x = G^T z`` for the newest row ``x = G^T e_s``:
+    ``z = m (lam m I + K)^{-1} e_s``."""
     e = jax.nn.one_hot(slot, gram.shape[0], dtype=solve_dtype)
     # lam m I + K is symmetric positive definite: Cholesky
     lhs = _damped_gram(gram, damping, m, solve_dtype)
     z = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(lhs), e)
-    return m * _gty(values, indices, z.astype(jnp.float32), d)
+    return m * z.astype(jnp.float32)
 
 
-def _ggt_newest(values, indices, gram, slot, eps, d, floor=1e-6):
-    """``((G^T G)^{1/2} + eps I)^{-1} x`` for the newest row: ``G^T V (S + eps)^{-1} V^T e_s``."""
+def _ggt_newest(gram, slot, eps, floor=1e-6):
+    """The coefficients ``z`` of ``((G^T G)^{1/2} + eps I)^{-1} x = G^T z`` for the
+    newest row: ``z = V (S + eps)^{-1} V^T e_s``."""
     s, v = _gram_eig(gram, floor)
-    return _gty(values, indices, v @ (v[slot] / (s + eps)), d)
+    return v @ (v[slot] / (s + eps))
+
+
+# ------------------------------------------------------------------------------------
+# One param's slice of the window
+# ------------------------------------------------------------------------------------
+
+
+def _rows_of(shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """A param viewed as rows along its last axis: ``(shape[:-1], shape[-1])`` (a scalar
+    is one row of one)."""
+    return (tuple(shape[:-1]), shape[-1]) if shape else ((), 1)
+
+
+def _compress_rows(compressor: Compressor, a: jax.Array, key: jax.Array):
+    """The compressor on every row of ``a`` (its last axis): ``(values, indices)``, each
+    ``(*rows, k)``, the indices positions along the row."""
+    rows, cols = _rows_of(a.shape)
+    flat = a.reshape(-1, cols)
+    keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(flat.shape[0]))
+    payload = jax.vmap(lambda row, k: compressor.compress(row, EMPTY, k)[0])(flat, keys)
+    k = payload.values.shape[-1]
+    return payload.values.reshape(*rows, k), payload.indices.reshape(*rows, k)
+
+
+def _scatter_rows(values: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``sum_i`` of the sparse rows ``values[i]`` (``(n, *rows, k)`` at ``indices``) as a
+    dense ``shape`` array; out-of-range indices (empty entries) are dropped."""
+    _, cols = _rows_of(shape)
+    n, k = values.shape[0], values.shape[-1]
+    v, i = values.reshape(n, -1, k), indices.reshape(n, -1, k)
+    one = lambda vr, ir: (
+        jnp.zeros((cols,), vr.dtype).at[ir.reshape(-1)].add(vr.reshape(-1), mode="drop")
+    )
+    return jax.vmap(one, in_axes=(1, 1))(v, i).reshape(shape)
+
+
+def _dots(values: jax.Array, indices: Any, x: jax.Array) -> jax.Array:
+    """This param's part of ``G x`` (``m`` partial dot products; summed over params)."""
+    if is_empty(indices):
+        return jnp.tensordot(values, x, axes=x.ndim)
+    _, cols = _rows_of(x.shape)
+    m, k = values.shape[0], values.shape[-1]
+    xr, ir = x.reshape(-1, cols), indices.reshape(m, -1, k)
+    take = lambda xrow, irow: jnp.take(xrow, irow, mode="fill", fill_value=0)
+    picked = jax.vmap(take, in_axes=(0, 1), out_axes=1)(xr, ir)
+    return jnp.sum(values.reshape(m, -1, k) * picked, axis=(1, 2))
+
+
+def _transposed(values: jax.Array, indices: Any, z: jax.Array, shape) -> jax.Array:
+    """This param's part of ``G^T z``."""
+    if is_empty(indices):
+        return jnp.tensordot(z, values, axes=1)
+    return _scatter_rows(values * z.reshape(-1, *(1,) * (values.ndim - 1)), indices, shape)
 
 
 # ------------------------------------------------------------------------------------
@@ -161,25 +244,92 @@ def _check(num_grads: Any, compressor: Any) -> None:
         )
 
 
-def _windowed(num_grads, compressor, key, apply_newest) -> optax.GradientTransformation:
+def _window_leaf_bytes(shape: tuple[int, ...], m: int, compressor: Compressor | None) -> int:
+    """Bytes of one param's slice of the window (values, indices, accumulator)."""
+    if compressor is None:
+        return 4 * m * math.prod(shape)
+    rows, cols = _rows_of(shape)
+    return 8 * m * math.prod(rows) * compressor.k(cols) + 4 * math.prod(shape)
+
+
+def _share(p: Any) -> float:
+    """The fraction of ``p`` one device holds: from its sharding where known (an array,
+    or a traced value with an Explicit-axes sharding), else ``1 / device_count`` (a
+    traced value may be sharded over every device; the check stays a lower bound)."""
+    sharding = getattr(p, "sharding", None)
+    if sharding is None or isinstance(p, jax.core.Tracer):
+        try:
+            sharding = jax.typeof(p).sharding
+        except (AttributeError, TypeError):
+            sharding = None
+        if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.empty:
+            return 1.0 / jax.device_count()
+    if not p.shape:
+        return 1.0
+    try:
+        return math.prod(sharding.shard_shape(p.shape)) / math.prod(p.shape)
+    except (AttributeError, TypeError, ValueError):
+        return 1.0 / jax.device_count()
+
+
+def _device_capacity() -> tuple[int | None, str]:
+    """The memory of one device as JAX reports it (``bytes_limit``), else, for CPU
+    devices, the host's physical memory shared by its local devices."""
+    dev = jax.local_devices()[0]
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:  # some backends raise instead of returning None
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), f"bytes_limit of {dev}"
+    if dev.platform == "cpu" and hasattr(os, "sysconf"):
+        try:
+            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None, ""
+        n = jax.local_device_count()
+        return host // n, f"the host's {host / 2**30:.1f} GiB over {n} CPU device(s)"
+    return None, ""
+
+
+def _check_fits(name: str, params: Any, m: int, compressor: Compressor | None) -> None:
+    """Fails before any allocation when one device's share of the window cannot fit."""
+    leaves = jax.tree.leaves(params)
+    d = sum(math.prod(p.shape) for p in leaves)
+    per_device = sum(_window_leaf_bytes(p.shape, m, compressor) * _share(p) for p in leaves)
+    per_device += 4 * m * m
+    capacity, source = _device_capacity()
+    if capacity is None or per_device <= capacity:
+        return
+    kind = "dense (4 m d bytes)" if compressor is None else "sparse (8 m k + 4 d bytes)"
+    raise ValueError(
+        f"{name}: the {kind} window of m={m} gradients over d={d:,} parameters needs "
+        f"{per_device / 1e9:.2f} GB per device, more than the {capacity / 1e9:.2f} GB "
+        f"available ({source}). Options: a sparse window (sparse_mfac / sparse_ggt, or "
+        "compressor=top_k(0.01): about 50x smaller), a smaller num_grads, or params "
+        "sharded over a mesh (the window shards with them: lowbit_optax.state_shardings)"
+    )
+
+
+def _windowed(name, num_grads, compressor, key, coefficients) -> optax.GradientTransformation:
     m = num_grads
 
-    def init_fn(params):
-        d = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    def init_leaf(p) -> _Leaf:
         if compressor is None:
-            values, indices, error = jnp.zeros((m, d), jnp.float32), (), ()
-        else:
-            kk = compressor.k(d)
-            values = jnp.zeros((m, kk), jnp.float32)
-            indices = jnp.full((m, kk), d, jnp.int32)  # out of range: empty
-            error = jnp.zeros((d,), jnp.float32)
+            return _Leaf(zeros_for(p, (m, *p.shape), jnp.float32), EMPTY, EMPTY)
+        rows, cols = _rows_of(p.shape)
+        k = compressor.k(cols)
+        values = zeros_for(p, (m, *rows, k), jnp.float32)
+        indices = zeros_for(p, (m, *rows, k), jnp.int32) + cols  # out of range: empty
+        return _Leaf(values, indices, zeros_for(p, p.shape, jnp.float32))
+
+    def init_fn(params):
+        _check_fits(name, params, m, compressor)
         return ScaleByWindowState(
             count=jnp.zeros([], jnp.int32),
             key=jax.random.key_data(jax.random.key(key)).astype(jnp.uint32),
-            values=values,
-            indices=indices,
             gram=jnp.zeros((m, m), jnp.float32),
-            error=error,
+            **init_leaves(init_leaf, params, _Leaf)._asdict(),
         )
 
     def update_fn(updates, state, params=None):
@@ -188,37 +338,42 @@ def _windowed(num_grads, compressor, key, apply_newest) -> optax.GradientTransfo
 
     def body(updates, state):
         leaves, treedef = jax.tree.flatten(updates)
-        flat = jnp.concatenate([g.reshape(-1).astype(jnp.float32) for g in leaves])
-        d = flat.shape[0]
+        fields = [treedef.flatten_up_to(getattr(state, f)) for f in _Leaf._fields]
         slot = state.count % m
-        ok = jnp.all(jnp.isfinite(flat))
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
         # a non-finite gradient leaves the window, Gram and accumulator as they were: only
-        # the new row (and the Gram's row/column) is selected, not the whole m x d window
+        # the new row (and the Gram's row/column) is selected, not the whole window
         keep = lambda new, old: jnp.where(ok, new, old)
-        if compressor is None:
-            values = state.values.at[slot].set(keep(flat, state.values[slot]))
-            indices, error = (), ()
-            row_dense = flat
-        else:
-            step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
-            a = state.error + flat
-            payload, _ = compressor.compress(a, EMPTY, step_key)
-            row_dense = compressor.decompress(payload, (d,))
-            error = keep(a - row_dense, state.error)
-            values = state.values.at[slot].set(keep(payload.values, state.values[slot]))
-            indices = state.indices.at[slot].set(keep(payload.indices, state.indices[slot]))
-        # the new Gram row/column: G x with the new row in place (K[s, s] = |x|^2)
-        row = keep(_gx(values, indices, row_dense), state.gram[slot])
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
+        new, row = [], jnp.zeros((m,), jnp.float32)
+        for i, (g, *leaf) in enumerate(zip(leaves, *fields, strict=True)):
+            values, indices, error = leaf
+            x = g.astype(jnp.float32)
+            if compressor is None:
+                values = values.at[slot].set(keep(x, values[slot]))
+            else:
+                a = error + x
+                kept, where = _compress_rows(compressor, a, jax.random.fold_in(step_key, i))
+                x = _scatter_rows(kept[None], where[None], g.shape)  # the window's new row
+                error = keep(a - x, error)
+                values = values.at[slot].set(keep(kept, values[slot]))
+                indices = indices.at[slot].set(keep(where, indices[slot]))
+            # this param's part of the new Gram row/column G x (K[s, s] = |x|^2)
+            row = row + _dots(values, indices, x)
+            new.append(_Leaf(values, indices, error))
+        row = keep(row, state.gram[slot])
         gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
-        u = apply_newest(values, indices, gram, slot, d)
+        z = coefficients(gram, slot)  # the m x m algebra, replicated
+        out = [
+            jnp.where(ok, _transposed(n.values, n.indices, z, g.shape), g).astype(g.dtype)
+            for g, n in zip(leaves, new, strict=True)
+        ]  # a non-finite update shows the NaN/inf itself
         new_state = ScaleByWindowState(
-            optax.safe_increment(state.count), state.key, values, indices, gram, error
+            count=optax.safe_increment(state.count),
+            key=state.key,
+            gram=gram,
+            **fields_of(treedef, _Leaf, new)._asdict(),
         )
-        u = jnp.where(ok, u, flat)  # the update shows the NaN/inf itself
-        out, start = [], 0
-        for g in leaves:
-            out.append(u[start : start + g.size].reshape(g.shape).astype(g.dtype))
-            start += g.size
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -275,11 +430,11 @@ def scale_by_mfac(
             stacklevel=2,
         )
 
-    def apply_newest(values, indices, gram, slot, d):
+    def coefficients(gram, slot):
         dt = jnp.float64 if high and jax.config.jax_enable_x64 else jnp.float32
-        return _mfac_newest(values, indices, gram, slot, damping, num_grads, d, dt)
+        return _mfac_newest(gram, slot, damping, num_grads, dt)
 
-    return _windowed(num_grads, compressor, key, apply_newest)
+    return _windowed("scale_by_mfac", num_grads, compressor, key, coefficients)
 
 
 def scale_by_ggt(
@@ -308,7 +463,7 @@ def scale_by_ggt(
     if isinstance(eps, (int, float)) and not eps > 0:  # may be traced (inject_hyperparams)
         raise ValueError(f"eps must be > 0, got {eps!r}")
 
-    def apply_newest(values, indices, gram, slot, d):
-        return _ggt_newest(values, indices, gram, slot, eps, d)
+    def coefficients(gram, slot):
+        return _ggt_newest(gram, slot, eps)
 
-    return _windowed(num_grads, compressor, key, apply_newest)
+    return _windowed("scale_by_ggt", num_grads, compressor, key, coefficients)

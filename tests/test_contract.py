@@ -169,9 +169,6 @@ REGISTRY: list[Entry] = [
             "inject_defaults": "inject_hyperparams traces the default "
             "min_dim_size_to_factor=128, and adafactor branches on it in Python "
             "(TracerBoolConversionError): it needs static_args",
-            "sharded": "adafactor's row/column statistics drop a rank, so the params' "
-            "shardings do not map onto them; XLA then re-shards them during update "
-            "(v_row['embed'] replicated at init, P('model') after a step)",
         },
     ),
     Entry(
@@ -562,14 +559,17 @@ def _num(params: Any) -> int:
 
 
 def _window_bytes(params: Any, m: int, density: float | None) -> int:
-    """int32 count + 2 x uint32 key + the window (dense m x d float32, or m x k float32
-    values + int32 indices and a float32 accumulator of d) + the m x m float32 Gram."""
+    """int32 count + 2 x uint32 key + the window (dense m x d float32; sparse, per row of
+    each param along its last axis, k = round(density * cols) float32 values + int32
+    indices, and a float32 accumulator of d) + the m x m float32 Gram."""
     d = _num(params)
     if density is None:
         window = 4 * m * d
     else:
-        k = max(1, round(density * d))
-        window = 8 * m * k + 4 * d
+        window = 4 * d
+        for x in jax.tree.leaves(params):
+            cols = x.shape[-1] if x.ndim else 1
+            window += 8 * m * (x.size // cols) * min(cols, max(1, round(density * cols)))
     return 4 + 8 + window + 4 * m * m
 
 
@@ -595,11 +595,6 @@ def _ef_bytes(params: Any, item: int = 4, q_rank: int | None = None) -> int:
     return total
 
 
-_WIN_XFAIL = {
-    "sharded": "the window is over the flattened parameter vector (EFCP's layout), not "
-    "param-structured: no state leaf carries a param's sharding, it stays replicated",
-}
-
 REGISTRY += [
     Entry(
         name="mfac",
@@ -609,7 +604,6 @@ REGISTRY += [
         state_bytes=lambda p: _window_bytes(p, 8, None),
         static_args=("num_grads", "damping"),
         learning_rate=1e-1,
-        xfail=_WIN_XFAIL,
         atol=1e-5,
     ),
     Entry(
@@ -620,7 +614,6 @@ REGISTRY += [
         state_bytes=lambda p: _window_bytes(p, 8, 0.05),
         static_args=("num_grads", "damping", "density"),
         learning_rate=1e-1,
-        xfail=_WIN_XFAIL,
         atol=1e-5,
     ),
     Entry(
@@ -631,7 +624,6 @@ REGISTRY += [
         state_bytes=lambda p: _window_bytes(p, 8, None),
         static_args=("num_grads",),
         learning_rate=1e-1,
-        xfail=_WIN_XFAIL,
         # the eigendecomposition of the Gram matrix of two nearly parallel gradients:
         # float32 rounding of the small eigenvalue moves the update by ~1e-3
         atol=5e-3,
@@ -644,7 +636,6 @@ REGISTRY += [
         state_bytes=lambda p: _window_bytes(p, 8, 0.05),
         static_args=("num_grads", "density"),
         learning_rate=1e-1,
-        xfail=_WIN_XFAIL,
         atol=5e-3,  # as ggt
     ),
     Entry(
@@ -1061,53 +1052,20 @@ def _mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
 
 
-def fit_sharding(leaf: Any, param_sharding: NamedSharding) -> NamedSharding:
-    """The param's sharding for a param-structured state leaf of the same rank, with
-    mesh axes dropped on dims they do not divide; replicated if the rank differs."""
-    mesh, spec = param_sharding.mesh, param_sharding.spec
-    if leaf.ndim != len(spec):
-        return NamedSharding(mesh, P())
-    fitted = []
-    for size, axes in zip(leaf.shape, spec, strict=True):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        ways = math.prod(mesh.shape[a] for a in names)
-        fitted.append(axes if ways > 1 and size % ways == 0 else None)
-    while fitted and fitted[-1] is None:  # P('data', None) -> P('data'): the canonical
-        fitted.pop()  # form XLA hands back, so the step's cache key does not change
-    return NamedSharding(mesh, P(*fitted))
-
-
-def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
-    """How a user shards optimizer state: params' shardings mapped over the
-    param-structured parts of the state (``optax.tree_map_params``), the rest
-    replicated."""
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
-    return optax.tree_utils.tree_map_params(
-        tx,
-        fit_sharding_or_empty,
-        jax.eval_shape(tx.init, params),
-        jax.tree.map(lambda p: p.sharding, params),
-        transform_non_params=lambda _: NamedSharding(mesh, P()),
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
-    )
-
-
-def fit_sharding_or_empty(leaf: Any, param_sharding: NamedSharding) -> Any:
-    return leaf if isinstance(leaf, optax.MaskedNode) else fit_sharding(leaf, param_sharding)
-
-
 @pytest.mark.parametrize("entry", cases("sharded"))
 def test_sharded(entry: Entry):
     mesh = _mesh()
     param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), SPECS)
     params = jax.device_put(make_params(), param_shardings)
     tx = entry.make()
-    shardings = state_shardings(tx, params)
+    # what a user does: the library's recommended layout (lowbit_optax.state_shardings)
+    shardings = lowbit_optax.state_shardings(tx, params)
     assert any(not s.is_fully_replicated for s in jax.tree.leaves(shardings)), (
         "no state leaf is sharded: the harness did not map the params' shardings"
     )
 
-    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    state = lowbit_optax.sharded_init(tx, params)
+    assert_same_shardings(state, shardings)
 
     # No out_shardings: the update's own sharding propagation must keep the layout.
     step = jax.jit(train_step(tx), donate_argnums=(0, 1))

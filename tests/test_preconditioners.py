@@ -40,6 +40,15 @@ def _flat(tree) -> np.ndarray:
     )
 
 
+def _flat_window(values) -> np.ndarray:
+    """The per-param window slices as one (m, d) window in flat order (b then w)."""
+    m = values["b"].shape[0]
+    return np.concatenate(
+        [np.asarray(values["b"], np.float64), np.asarray(values["w"], np.float64).reshape(m, -1)],
+        axis=1,
+    )
+
+
 def _window(gs: np.ndarray, t: int, m: int) -> np.ndarray:
     """The last min(t + 1, m) gradients up to step t."""
     return gs[max(0, t + 1 - m) : t + 1]
@@ -85,9 +94,8 @@ def test_ring_buffer_slots_and_incremental_gram():
         _, state = tx.update(_tree(gs[t]), state)
     # slot t mod m holds step t: steps 3, 4 overwrote slots 0, 1; slot 2 holds step 2
     want = np.stack([gs[3], gs[4], gs[2]])
-    got = np.asarray(state.values, np.float64)
-    order = np.concatenate([[0, 1, 2], np.arange(3, D)])  # flat order is b then w
-    np.testing.assert_allclose(got[:, order], want, rtol=1e-6)
+    assert state.values["w"].shape == (m, 3, 3)  # laid out like the param
+    np.testing.assert_allclose(_flat_window(state.values), want, rtol=1e-6)
     np.testing.assert_allclose(state.gram, want @ want.T, rtol=1e-5)
     assert int(state.count) == steps
 
@@ -112,12 +120,14 @@ def test_density_one_equals_the_dense_preconditioner():
         ud, sd = dense.update(_tree(gs[t]), sd)
         us, ss = sparse.update(_tree(gs[t]), ss)
         np.testing.assert_allclose(_flat(us), _flat(ud), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(ss.error, np.zeros(D))  # nothing left to feed back
+    np.testing.assert_array_equal(_flat(ss.error), np.zeros(D))  # nothing left to feed back
 
 
 def test_sparse_window_error_feedback_conserves_and_matches_explicit():
-    """Top-k (25%) with error feedback: the window holds c_t = C(xi + g_t), xi carries the
-    rest (sum c + xi == sum g), and the update is the explicit inverse applied to c_t."""
+    """Top-k (25%) per row with error feedback: the window holds c_t = C(xi + g_t), xi
+    carries the rest (sum c + xi == sum g), and the update is the explicit inverse
+    applied to c_t. The selection runs on each row of each param (along its last
+    axis): b is one row of 3, w three rows of 3, each keeps round(0.25 * 3) = 1."""
     m, steps, lam = 3, 6, 1e-2
     gs = _flat_grads(steps, seed=5)
     tx = lo.scale_by_mfac(m, lam, compressor=lo.top_k(0.25))
@@ -126,20 +136,21 @@ def test_sparse_window_error_feedback_conserves_and_matches_explicit():
     for t in range(steps):
         u, state = tx.update(_tree(gs[t]), state)
         a = xi + _flat(_tree(gs[t]))
-        keep = np.argsort(-np.abs(a))[:3]  # k = round(0.25 * 12)
         c = np.zeros(D)
-        c[keep] = a[keep]
+        for start in (0, 3, 6, 9):  # the rows in flat order: b, then w's three rows
+            keep = start + np.argmax(np.abs(a[start : start + 3]))
+            c[keep] = a[keep]
         xi = a - c
         cs.append(c)
         window = np.stack(cs[-m:])
         want = _mfac_explicit(window, c, lam, m)
         np.testing.assert_allclose(_flat(u), want, rtol=2e-4, atol=1e-5 * np.abs(want).max())
-        order = np.concatenate([[0, 1, 2], np.arange(3, D)])
-        np.testing.assert_allclose(np.asarray(state.error)[order], xi, atol=1e-6)
+        np.testing.assert_allclose(_flat(state.error), xi, atol=1e-6)
     np.testing.assert_allclose(
         np.sum(cs, 0) + xi, np.sum([_flat(_tree(g)) for g in gs], 0), atol=1e-5
     )
-    assert state.values.shape == (m, 3) and state.indices.dtype == jnp.int32
+    assert state.values["w"].shape == (m, 3, 1) and state.values["b"].shape == (m, 1)
+    assert state.indices["w"].dtype == jnp.int32
 
 
 def test_float32_vs_float64_at_damping_1e_7():
@@ -159,7 +170,7 @@ def test_float32_vs_float64_at_damping_1e_7():
     want = _mfac_explicit(gs.astype(np.float64), gs[-1].astype(np.float64), lam, m)
     rel = lambda got: np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
     err_transform = rel(u["x"])
-    paper_f32 = pc.mfac_apply(state.values, (), state.gram, jnp.asarray(gs[-1]), lam)
+    paper_f32 = pc.mfac_apply(state.values["x"], (), state.gram, jnp.asarray(gs[-1]), lam)
     err_paper = rel(paper_f32)
     with jax.enable_x64(True):
         tx64 = lo.scale_by_mfac(m, lam)  # float64 solve
