@@ -341,33 +341,59 @@ def _windowed(name, num_grads, compressor, key, coefficients) -> optax.GradientT
         fields = [treedef.flatten_up_to(getattr(state, f)) for f in _Leaf._fields]
         slot = state.count % m
         ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
-        # a non-finite gradient leaves the window, Gram and accumulator as they were: only
-        # the new row (and the Gram's row/column) is selected, not the whole window
-        keep = lambda new, old: jnp.where(ok, new, old)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
-        new, row = [], jnp.zeros((m,), jnp.float32)
+        newest = jnp.arange(m) == slot
+        # Every read is of the old window: G' x = G x off the slot and |x|^2 at it, and
+        # G'^T z = G^T (z off the slot) + z_s x. The new row is written last, in place,
+        # and the write depends on the directions (it is taken only when they are finite),
+        # which orders it after every read: XLA then never copies the window.
+        rows, new = [], []
+        row = jnp.zeros((m,), jnp.float32)
         for i, (g, *leaf) in enumerate(zip(leaves, *fields, strict=True)):
             values, indices, error = leaf
             x = g.astype(jnp.float32)
             if compressor is None:
-                values = values.at[slot].set(keep(x, values[slot]))
+                entry = (x, EMPTY)
             else:
                 a = error + x
                 kept, where = _compress_rows(compressor, a, jax.random.fold_in(step_key, i))
                 x = _scatter_rows(kept[None], where[None], g.shape)  # the window's new row
-                error = keep(a - x, error)
-                values = values.at[slot].set(keep(kept, values[slot]))
-                indices = indices.at[slot].set(keep(where, indices[slot]))
-            # this param's part of the new Gram row/column G x (K[s, s] = |x|^2)
-            row = row + _dots(values, indices, x)
+                error, entry = a - x, (kept, where)
+            # this param's part of the new Gram row/column
+            row = row + jnp.where(newest, jnp.vdot(x, x), _dots(values, indices, x))
+            rows.append((x, entry))
             new.append(_Leaf(values, indices, error))
-        row = keep(row, state.gram[slot])
+        row = jnp.where(ok, row, state.gram[slot])
         gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
         z = coefficients(gram, slot)  # the m x m algebra, replicated
+        z_old = jnp.where(newest, 0.0, z)
+        directions = [
+            _transposed(n.values, n.indices, z_old, g.shape) + z[slot] * x
+            for g, n, (x, _) in zip(leaves, new, rows, strict=True)
+        ]
+        # a non-finite gradient, or a direction that is not finite (a failed solve), leaves
+        # the window, Gram and accumulator as they were; only the new row is selected
+        take = ok & jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in directions]))
+        keep = lambda new, old: jnp.where(take, new, old)
         out = [
-            jnp.where(ok, _transposed(n.values, n.indices, z, g.shape), g).astype(g.dtype)
-            for g, n in zip(leaves, new, strict=True)
+            jnp.where(ok, d, g).astype(g.dtype) for g, d in zip(leaves, directions, strict=True)
         ]  # a non-finite update shows the NaN/inf itself
+
+        def write(n: _Leaf, old_error, entry) -> _Leaf:
+            values, indices = entry
+            n = n._replace(values=n.values.at[slot].set(keep(values, n.values[slot])))
+            if compressor is None:
+                return n
+            return n._replace(
+                indices=n.indices.at[slot].set(keep(indices, n.indices[slot])),
+                error=keep(n.error, old_error),
+            )
+
+        new = [
+            write(n, old, entry)
+            for n, old, (_, entry) in zip(new, fields[2], rows, strict=True)
+        ]
+        gram = keep(gram, state.gram)
         new_state = ScaleByWindowState(
             count=optax.safe_increment(state.count),
             key=state.key,

@@ -263,3 +263,27 @@ def test_sparse_window_is_50x_smaller_at_one_percent():
 def test_bad_arguments_fail_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    "make, bound",
+    [
+        # the window is read in place and its new row written last: what remains is one
+        # float32 copy of the gradient and one of the direction per param (8 B/param)
+        (lambda: lo.mfac(1e-3, num_grads=8), 9.5),
+        (lambda: lo.ggt(1e-3, num_grads=8), 9.5),
+        # the sparse ones also hold the accumulator's sum, the scattered new row, ...
+        (lambda: lo.sparse_mfac(1e-3, num_grads=8, density=0.05), 18.5),
+    ],
+)
+def test_the_update_never_copies_the_window(make, bound):
+    # compile-only: a copy of an 8-row window would add 32 B/param (it added ~64 before the
+    # new row was written after every read)
+    params = {
+        "w": jax.ShapeDtypeStruct((256, 512), jnp.float32),
+        "b": jax.ShapeDtypeStruct((512,), jnp.float32),
+    }
+    n = 256 * 512 + 512
+    mem = lo.step_memory(make(), params)
+    assert mem.update.temp_bytes / n <= bound, mem.update.temp_bytes / n
+    assert mem.state_bytes / n >= 7.0  # the window itself is in the state, not the temps
