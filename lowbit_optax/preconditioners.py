@@ -390,8 +390,7 @@ def _windowed(name, num_grads, compressor, key, coefficients) -> optax.GradientT
             )
 
         new = [
-            write(n, old, entry)
-            for n, old, (_, entry) in zip(new, fields[2], rows, strict=True)
+            write(n, old, entry) for n, old, (_, entry) in zip(new, fields[2], rows, strict=True)
         ]
         gram = keep(gram, state.gram)
         new_state = ScaleByWindowState(
