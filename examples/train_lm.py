@@ -209,7 +209,9 @@ def _storable(x: Any) -> Any:
         return None
     if jnp.issubdtype(x.dtype, jnp.integer) and jnp.iinfo(x.dtype).bits < 8:
         wide = jnp.int8 if jnp.issubdtype(x.dtype, jnp.signedinteger) else jnp.uint8
-        return x.astype(wide) if isinstance(x, jax.Array) else jax.ShapeDtypeStruct(x.shape, wide)
+        if isinstance(x, jax.Array):
+            return x.astype(wide)
+        return jax.ShapeDtypeStruct(x.shape, wide, sharding=getattr(x, "sharding", None))
     return x
 
 

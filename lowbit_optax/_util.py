@@ -121,9 +121,11 @@ def fit_spec(
     The leaf's axes are aligned with the param's from the last axis (a leaf with extra
     leading axes, such as the ``m`` slots of a gradient window, lines up with its
     param). An aligned axis keeps the param's mesh axes where its size equals the
-    param's; the last axis also where its size differs but the shards still divide it
-    (a blocked, packed or selected last axis: quantization codes and scales, a sparse
-    window's kept entries, PowerSGD's ``Q^T``). All other axes are replicated.
+    param's; where its size differs but the shards still divide it, the last axis also
+    does (a blocked, packed or selected last axis: quantization codes and scales, a
+    sparse window's kept entries), and so does any axis of a leaf of the param's rank (a
+    projected axis: the rank-``r`` side of a low-rank moment, PowerSGD's ``Q^T``), so
+    FSDP splits low-rank state as it splits the param. All other axes are replicated.
     ``axis_sizes`` is the mesh's ``{name: size}``. Trailing ``None``s are dropped (the
     canonical form XLA hands back, so a jitted step's cache key does not change).
     """
@@ -134,8 +136,9 @@ def fit_spec(
         axes = (names,) if isinstance(names, str) else tuple(names or ())
         ways = int(np.prod([axis_sizes[a] for a in axes]))
         size = shape[-back]
+        reshaped = back == 1 or len(shape) == len(param_shape)
         if ways > 1 and (
-            size == param_shape[-back] or (back == 1 and size > 0 and size % ways == 0)
+            size == param_shape[-back] or (reshaped and size > 0 and size % ways == 0)
         ):
             out[-back] = names
     while out and out[-1] is None:

@@ -15,8 +15,9 @@ per-array memory (PowerSGD's warm start) keep it in ``state`` (``init(shape)``).
   contractive). Payload ``Sparse``.
 * ``low_rank(rank)``: PowerSGD (Vogels et al. 2019) on 2-D arrays (rank > 2 viewed as
   ``(prod(shape[:-1]), shape[-1])``): ``P = orth(M Q)``, ``Q = M^T P``, payload
-  ``(P, Q)``, ``M ~ P Q^T``; ``Q`` is kept as the next step's warm start. Arrays with
-  ``min(m, n) <= rank`` (and 1-D ones) are sent dense.
+  ``(P, Q)``, ``M ~ P Q^T``; ``Q`` is kept as the next step's warm start, stored
+  transposed (``Q^T``, ``(r, n)``: its last axis is the array's, so it is sharded like
+  the array's last axis). Arrays with ``min(m, n) <= rank`` (and 1-D ones) are sent dense.
 * ``quantizer(bits, kind="linear", block_size=128)``: block-wise quantization with the
   library's codecs (``lowbit_optax.quantization``). ``bits=1`` is the scaled sign
   ``mean(|x|) * sign(x)`` per block (Karimireddy et al. 2019): the codec's two-level
@@ -119,6 +120,13 @@ class Compressor:
     def decompress(self, payload, shape):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def compress_rows(self, rows: jax.Array, key: jax.Array) -> Sparse:
+        """A sparse compressor on every row of the 2-D ``rows`` at once (stateless):
+        ``Sparse`` values and indices of shape ``(len(rows), k)``, the indices positions
+        along the row. The windows of ``scale_by_mfac`` select per row this way."""
+        keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows.shape[0]))
+        return jax.vmap(lambda row, k: self.compress(row, EMPTY, k)[0])(rows, keys)
+
     def __call__(self, x: jax.Array, state: Any = None, key: jax.Array | None = None):
         """``decompress(compress(x))`` and the new state: the compressed array, dense."""
         state = EMPTY if state is None else state
@@ -216,7 +224,8 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
 
 @dataclasses.dataclass(frozen=True)
 class LowRankCompressor(Compressor):
-    """PowerSGD with a warm-started ``Q``; see ``low_rank``."""
+    """PowerSGD with a warm-started ``Q`` (the state is ``Q^T``, ``(r, n)``); see
+    ``low_rank``."""
 
     rank: int
     seed: int = 0
@@ -234,9 +243,11 @@ class LowRankCompressor(Compressor):
         mn = self._compressed(tuple(shape))
         if mn is None:
             return EMPTY
-        # a fixed Gaussian start (PowerSGD); later steps reuse the last Q
+        # a fixed Gaussian start (PowerSGD); later steps reuse the last Q. Kept as Q^T,
+        # (r, n): its last axis is the param's, so it is sharded like the param's last
+        # axis (lowbit_optax.state_shardings aligns axes from the last)
         q = jax.random.normal(jax.random.key(self.seed), (mn[1], self.rank), jnp.float32)
-        return q
+        return q.T
 
     def compress(self, x, state, key):
         del key
@@ -244,11 +255,15 @@ class LowRankCompressor(Compressor):
         if mn is None:
             return x.astype(jnp.float32), state
         mat = x.reshape(mn).astype(jnp.float32)
-        p, _ = jnp.linalg.qr(mat @ state)
-        q = mat.T @ p
+        # M is never gathered, only (m, r) and (r, n) products cross devices: with the
+        # param split along n, M Q ends in an all-reduce of the (m, r) partial sums and
+        # P^T M comes out split like Q^T with none; split along m, the (m, r) product
+        # is gathered for the QR and P^T M ends in an all-reduce of its (r, n) partials
+        p, _ = jnp.linalg.qr(mat @ state.T)
+        qt = p.T @ mat  # Q^T = (M^T P)^T, (r, n)
         # a non-finite input must not poison the warm start
-        q_next = jnp.where(jnp.all(jnp.isfinite(q)), q, state)
-        return LowRank(p, q), q_next
+        qt_next = jnp.where(jnp.all(jnp.isfinite(qt)), qt, state)
+        return LowRank(p, qt.T), qt_next
 
     def decompress(self, payload, shape):
         if self._compressed(tuple(shape)) is None:
@@ -316,7 +331,8 @@ def random_k(density: float) -> RandomKCompressor:
 def low_rank(rank: int, seed: int = 0) -> LowRankCompressor:
     """PowerSGD: one warm-started power iteration per call on 2-D arrays (rank > 2 as
     ``(prod(shape[:-1]), shape[-1])``); ``(m + n) r`` floats instead of ``m n``. Arrays
-    with ``min(m, n) <= rank`` or fewer than 2 dimensions pass through dense."""
+    with ``min(m, n) <= rank`` or fewer than 2 dimensions pass through dense. The state
+    (``init(shape)``) is the warm start ``Q^T``, ``(r, n)``."""
     return LowRankCompressor(rank, seed)
 
 
@@ -375,7 +391,8 @@ class ErrorFeedbackState(NamedTuple):
       key: raw ``uint32`` PRNG key data (random_k, stochastic rounding), folded with the
         step and the leaf index.
       error: the accumulator ``xi``, a tree like the params in ``accumulator_dtype``.
-      compressor_state: per leaf the compressor's state (PowerSGD's ``Q``;
+      compressor_state: per leaf the compressor's state (PowerSGD's warm start ``Q^T``,
+        ``(r, n)`` for a leaf viewed as ``m x n``, laid out like the leaf's last axis;
         ``EMPTY`` where there is none).
     """
 
@@ -407,7 +424,8 @@ def error_feedback(
     update shows the NaN/inf; the state stays finite).
 
     Memory per parameter: one ``accumulator_dtype`` value (4 or 2 bytes) plus the
-    compressor's state (PowerSGD: ``n r`` floats per ``m x n`` leaf).
+    compressor's state (PowerSGD: ``n r`` float32 values per ``m x n`` leaf, ``Q^T``,
+    sharded like the leaf's last axis).
     """
     if not isinstance(compressor, Compressor):
         raise ValueError(

@@ -10,9 +10,11 @@ The rule, one state leaf at a time (``optax.tree_utils.tree_map_params`` finds t
 that belong to a param): the leaf's axes are aligned with the param's *from the last
 axis*, so a leaf with extra leading axes (the ``m`` slots of a gradient window) lines
 up with the param it was taken from. An aligned axis keeps the param's mesh axes where
-its size equals the param's; the last axis also where its size differs but still
-divides evenly into the shards (a blocked, packed or selected last axis: quantization
-codes and scales, the values of a sparse window row, PowerSGD's ``Q^T``). Everything
+its size equals the param's; where its size differs but still divides evenly into the
+shards, the last axis also does (a blocked, packed or selected last axis: quantization
+codes and scales, the values of a sparse window row), and so does any axis of a leaf
+of the param's own rank (a projected axis: the rank-``r`` side of a low-rank moment,
+PowerSGD's ``Q^T``), so FSDP splits low-rank state as it splits the param. Everything
 else is replicated.
 
 Example:

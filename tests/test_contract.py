@@ -654,10 +654,6 @@ REGISTRY += [
         factory=_ef_sgd,
         kwargs=dict(compressor=lowbit_optax.low_rank(2)),
         state_bytes=lambda p: _ef_bytes(p, q_rank=2),
-        xfail={
-            "sharded": "PowerSGD's Q (n x r) is laid out by XLA's propagation (along the "
-            "param's last axis), not as the harness maps the param's sharding onto it",
-        },
         static_args=("compressor", "accumulator_dtype"),
         problem_learning_rate=2e-3,
         atol=1e-5,  # QR

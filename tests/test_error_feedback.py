@@ -189,11 +189,12 @@ def test_low_rank_is_one_warm_started_power_iteration():
     rng = np.random.default_rng(1)
     m = rng.standard_normal((30, 20))
     c = ef.low_rank(3)
-    q0 = np.asarray(c.init((30, 20)), np.float64)
-    out, q1 = c(jnp.asarray(m, jnp.float32), c.init((30, 20)))
-    p, _ = np.linalg.qr(m @ q0)
+    qt0 = np.asarray(c.init((30, 20)), np.float64)
+    assert qt0.shape == (3, 20)  # the warm start is kept as Q^T, (r, n)
+    out, qt1 = c(jnp.asarray(m, jnp.float32), c.init((30, 20)))
+    p, _ = np.linalg.qr(m @ qt0.T)
     want_q = m.T @ p
-    np.testing.assert_allclose(q1, want_q, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(qt1, want_q.T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out, p @ want_q.T, rtol=1e-4, atol=1e-4)
     # an exactly rank-3 matrix is recovered after a warm-started iteration or two
     lr = rng.standard_normal((30, 3)) @ rng.standard_normal((3, 20))
@@ -257,3 +258,49 @@ def test_compression_edge_cases_stay_finite():
 def test_bad_arguments_fail_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_low_rank_state_follows_the_param_sharding():
+    """PowerSGD's warm start is kept as ``Q^T`` (r, n), so ``state_shardings`` lays it out
+    like the param's last axis; a jitted update on a 2 x 4 mesh keeps that layout and
+    matches one device and a numpy PowerSGD step (P = qr(M Q0), Q = M^T P, c = P Q^T)."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    specs = {"w": P("data", "model"), "b": P("model")}
+    shapes = {"w": (64, 128), "b": (128,)}
+    tx = lo.error_feedback(ef.low_rank(2))
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    grads = [
+        {k: jax.random.normal(jax.random.key(10 * t + i), shapes[k]) for i, k in enumerate(shapes)}
+        for t in range(2)
+    ]
+    params = jax.device_put({k: jnp.zeros(s) for k, s in shapes.items()}, shardings)
+    state = lo.sharded_init(tx, params)
+    qt = state.compressor_state["w"]
+    assert qt.shape == (2, 128) and qt.sharding.spec == P("data", "model")
+    assert qt.addressable_shards[0].data.shape == (1, 32)
+    assert state.error["w"].sharding.spec == P("data", "model")
+
+    ref_state = tx.init({k: jnp.zeros(s) for k, s in shapes.items()})
+    np.testing.assert_array_equal(qt, ref_state.compressor_state["w"])
+    m = np.asarray(grads[0]["w"], np.float64)
+    p, _ = np.linalg.qr(m @ np.asarray(qt, np.float64).T)
+    want_c, want_qt = p @ (m.T @ p).T, (m.T @ p).T
+
+    update = jax.jit(tx.update)  # no out_shardings: propagation must keep the layout
+    ref_update = jax.jit(tx.update)
+    for t, g in enumerate(grads):
+        c, state = update(jax.device_put(g, shardings), state)
+        ref_c, ref_state = ref_update(g, ref_state)
+        assert state.compressor_state["w"].sharding.spec == P("data", "model")
+        assert state.error["w"].sharding.spec == P("data", "model")
+        assert c["w"].sharding.spec == P("data", "model")
+        got, want = jax.tree.leaves((c, state)), jax.tree.leaves((ref_c, ref_state))
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        if t == 0:
+            np.testing.assert_allclose(c["w"], want_c, atol=1e-4)
+            np.testing.assert_allclose(state.compressor_state["w"], want_qt, atol=1e-4)
+            np.testing.assert_allclose(c["b"], g["b"])  # a vector passes through dense

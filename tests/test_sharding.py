@@ -3,6 +3,9 @@ against specs written out by hand for a 2 x 4 mesh."""
 
 from __future__ import annotations
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,7 +28,10 @@ SIZES = {"data": 2, "model": 4}
         ((64, 1), (64, 128), P("data", "model"), P("data")),  # a reduced axis
         ((8, 64, 128), (64, 128), P("data", "model"), P(None, "data", "model")),  # window
         ((8, 64, 4), (64, 128), P("data", "model"), P(None, "data", "model")),  # sparse rows
-        ((2, 128), (64, 128), P("data", "model"), P(None, "model")),  # Q^T (r, n)
+        ((2, 128), (64, 128), P("data", "model"), P("data", "model")),  # Q^T (r, n)
+        ((16, 128), (64, 128), P("data", "model"), P("data", "model")),  # projected moment
+        ((3, 128), (64, 128), P("data", "model"), P(None, "model")),  # rank 3 over 2 shards
+        ((8, 3, 128), (64, 128), P("data", "model"), P(None, None, "model")),  # a window
         ((0, 0), (128,), P("model"), P()),  # a zero-size placeholder
         ((), (64, 128), P("data", "model"), P()),  # a scalar
     ],
@@ -69,3 +75,94 @@ def test_a_window_that_cannot_fit_fails_at_init_before_allocating():
     # the issue's case: before, the allocator died with RESOURCE_EXHAUSTED (68719476736 B)
     with pytest.raises(ValueError, match=r"68\.72 GB per device.*sparse window.*num_grads"):
         tx.init({"w": jnp.zeros((4096, 4096))})
+
+
+# --------------------------------------------------------------------------------------
+# The windows' collectives (M-FAC / GGT): compile-only, the optimized HLO read back
+# --------------------------------------------------------------------------------------
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+
+
+def _elements(hlo_type: str) -> list[int]:
+    """Element counts of the arrays of an HLO type (``f32[8]``, ``(f32[8], pred[])``)."""
+    return [
+        math.prod(int(d) for d in dims.split(",") if d)
+        for dims in re.findall(r"\[([\d,]*)\]", hlo_type)
+    ]
+
+
+def _collectives(hlo: str) -> list[tuple[str, list[int]]]:
+    """``(kind, element counts of its operands and results)`` of every collective
+    instruction (an async ``-start`` counted once) of an optimized HLO module."""
+    types: dict[str, str] = {}
+    out = []
+    for line in hlo.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match is None:
+            continue
+        name, result, op, rest = match.groups()
+        types[name] = result
+        kind = op.removesuffix("-start")
+        if kind in _COLLECTIVES:
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            sizes = _elements(result) + [n for o in operands for n in _elements(types[o])]
+            out.append((kind, sizes))
+    return out
+
+
+_SPARSE_GATHERS = (
+    "the per-row top_k (XLA's TopK custom call, not partitioned along rows) all-gathers "
+    "|xi + g| of each param whole (w: f32[32,128] -> f32[64,128], also with w split along "
+    "rows only; a stable sort of (-|x|, position) along the row stays split there but took "
+    "22x top_k's time on CPU, 463 vs 21 ms for a 2M-parameter window update); picking x "
+    "at the window's indices along a 'model'-split row is a masked "
+    "gather summed across shards: all-reduces of m x rows x k values (w: f32[32,8,6])"
+)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: lo.mfac(1e-3, num_grads=8), id="mfac"),
+        pytest.param(lambda: lo.ggt(1e-3, num_grads=8), id="ggt"),
+        pytest.param(
+            lambda: lo.sparse_mfac(1e-3, num_grads=8, density=0.05),
+            id="sparse_mfac",
+            marks=pytest.mark.xfail(strict=True, reason=_SPARSE_GATHERS),
+        ),
+    ],
+)
+def test_window_update_reduces_only_the_partial_dots(make):
+    """Under a 2 x 4 mesh, the donated update of a window sharded like the params moves
+    only small things: all-reduces of the ``m`` partial dot products ``G x`` (and scalars:
+    ``|x|^2``, the finiteness flags), no param or window gathered, permuted or reduced."""
+    m = 8
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    specs = {"w": P("data", "model"), "b": P("model")}
+    shapes = {"w": (64, 128), "b": (128,)}
+    ps = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    params = {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=ps[k]) for k in shapes}
+    tx = make()
+    shardings = lo.state_shardings(tx, params)
+    state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(tx.init, params),
+        shardings,
+    )
+    update = jax.jit(
+        tx.update,
+        in_shardings=(ps, shardings, ps),
+        out_shardings=(ps, shardings),
+        donate_argnums=(0, 1),
+    )
+    found = _collectives(update.lower(params, state, params).compile().as_text())
+    # a device's share of the smallest param: anything this large moved is a param's part
+    share = min(math.prod(ps[k].shard_shape(shapes[k])) for k in shapes)
+    moved = [(kind, n) for kind, n in found if kind != "all-reduce" and max(n) >= share]
+    assert not moved, f"param-sized gathers/permutes: {moved}"
+    reduced = [n for kind, n in found if kind == "all-reduce"]
+    assert all(max(n) <= m * m for n in reduced), f"all-reduces above m*m elements: {found}"
+    # the partial dots G x are reduced (a replicated computation would reduce nothing)
+    assert any(m in n for n in reduced), f"no all-reduce of the m partial dots: {found}"
