@@ -42,6 +42,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -49,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lowbit_optax import quantization as qz
 from lowbit_optax._driver import EMPTY, init_leaves, map_rows, update_leaves
@@ -134,6 +137,32 @@ class Compressor:
         return self.decompress(payload, tuple(x.shape)).astype(jnp.float32), state
 
 
+@functools.partial(custom_partitioning, static_argnums=(1,))
+def row_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` of every row of the 2-D ``x`` (values and positions along the row),
+    partitioned by rows under a mesh: each device selects in its own rows (only a split
+    last axis is gathered, a row at a time being whole). XLA's own partitioning of the
+    ``TopK`` custom call gathers the whole array on every device first."""
+    return jax.lax.top_k(x, k)
+
+
+def _by_rows(mesh: Any, arg_shapes: Any) -> NamedSharding:
+    spec = (*arg_shapes[0].sharding.spec, None)
+    return NamedSharding(mesh, PartitionSpec(spec[0], None))
+
+
+row_top_k.def_partition(
+    infer_sharding_from_operands=lambda k, mesh, args, result: [_by_rows(mesh, args)] * 2,
+    partition=lambda k, mesh, args, result: (
+        mesh,
+        lambda x: tuple(jax.lax.top_k(x, k)),
+        [_by_rows(mesh, args)] * 2,
+        (_by_rows(mesh, args),),
+    ),
+    sharding_rule="i j -> i k, i k",
+)
+
+
 def _scatter(payload: Sparse, shape: tuple[int, ...]) -> jax.Array:
     n = math.prod(shape)
     dense = jnp.zeros((n,), jnp.float32).at[payload.indices].add(payload.values, mode="drop")
@@ -177,6 +206,13 @@ class TopKCompressor(Compressor):
         idx = idx.astype(jnp.int32)
         values = jnp.take(flat, idx, mode="fill", fill_value=0.0)
         return Sparse(values, idx), state
+
+    def compress_rows(self, rows, key):
+        if self.block_size is not None:  # blocks within a row: as any compressor
+            return super().compress_rows(rows, key)
+        x = rows.astype(jnp.float32)
+        _, idx = row_top_k(jnp.abs(x), self.k(x.shape[-1]))
+        return Sparse(jnp.take_along_axis(x, idx, axis=1), idx.astype(jnp.int32))
 
     def decompress(self, payload, shape):
         return _scatter(payload, shape)

@@ -24,26 +24,26 @@ param's slice of ``G`` has the param's axes, so the window shards along ``d`` as
 params do (``lowbit_optax.state_shardings``), and ``G x`` is a sum of per-param partial
 dot products (an all-reduce of ``m`` floats under a mesh) while ``G^T z`` stays local.
 The ``m x m`` Gram matrix and its algebra are replicated. For the same reason a sparse
-compressor selects on every *row* of a param (along its last axis: ``k = round(density
-* cols)`` entries per row, the paper's per-block Top-K with the row as the block), not
-over the whole model: no selection needs to span shards of a row-split param (XLA CPU
-still gathers it, below). ``init`` checks that one device's share of the window fits the
-device's memory, before allocating.
+compressor selects on every *row* of a param (along its last axis: ``k = round(density *
+cols)`` entries per row, the paper's per-block Top-K with the row as the block), not
+over the whole model: no selection needs to span shards of a row-split param (below).
+``init`` checks that one device's share of the window fits the device's memory, before
+allocating.
 
-Measured collectives of the donated update (compiled by XLA CPU for 8 devices on a
-2 x 4 mesh, ``w`` ``(64, 128)`` split ``("data", "model")``, ``b`` ``(128,)`` split
+Measured collectives of the donated update (compiled by XLA CPU for 8 devices on a 2 x 4
+mesh, ``w`` ``(64, 128)`` split ``("data", "model")``, ``b`` ``(128,)`` split
 ``"model"``, ``m = 8``; ``tests/test_sharding.py`` checks them): a dense window is never
-moved. The all-reduces are of the ``m`` partial dot products (``f32[8]`` per param, fused
-into tuples with the ``|x|^2`` partial sums, scalars) and of the finiteness flags
+moved. The all-reduces are of the ``m`` partial dot products (``f32[8]`` per param,
+fused into tuples with the ``|x|^2`` partial sums, scalars) and of the finiteness flags
 (``pred`` scalars); nothing is gathered (``|x|^2`` is ``jnp.sum(x * x)``: ``jnp.vdot``
-ravels the gradient, and XLA gathered half of ``w`` to flatten it). A sparse window adds
-all-gathers of each param's ``|xi + g|`` whole for the per-row ``top_k`` (XLA's ``TopK``
-custom call is not partitioned along rows, so ``w``'s is gathered to ``f32[64,128]`` on
-every device, also when ``w`` is split along rows only; a stable sort along the row
-stays split but took 22x ``top_k``'s time on CPU). With the last axis split it also
-adds all-reduces of ``m x rows x k`` values (``f32[32,8,6]`` for ``w``): the picks
-``x[indices]`` along a split row are masked local gathers summed across the shards. The
-new row's ``rows x k`` values (``f32[32,6]``) are summed the same way.
+ravels the gradient, and XLA gathered half of ``w`` to flatten it). A sparse window
+selects in each row with ``row_top_k`` (``error_feedback``), partitioned by rows: with
+``w`` split along rows only (FSDP) its update adds nothing but small all-reduces either
+(XLA's own partitioning of ``lax.top_k`` gathered ``w`` whole on every device). With the
+last axis split, each row is gathered whole for the selection (``w``: ``f32[32,32] ->
+f32[32,128]``) and the picks ``x[indices]`` along a split row are masked local gathers
+summed across the shards: all-reduces of ``m x rows x k`` values (``f32[32,8,6]`` for
+``w``), and the new row's ``rows x k`` values (``f32[32,6]``) the same way.
 
 **Decision (precision):** the vector preconditioned is always the newest window row
 (``x = G^T e_s``, slot ``s``), so both closed forms are evaluated in their

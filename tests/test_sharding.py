@@ -112,35 +112,39 @@ def _collectives(hlo: str) -> list[tuple[str, list[int]]]:
     return out
 
 
-_SPARSE_GATHERS = (
-    "the per-row top_k (XLA's TopK custom call, not partitioned along rows) all-gathers "
-    "|xi + g| of each param whole (w: f32[32,128] -> f32[64,128], also with w split along "
-    "rows only; a stable sort of (-|x|, position) along the row stays split there but took "
-    "22x top_k's time on CPU, 463 vs 21 ms for a 2M-parameter window update); picking x "
-    "at the window's indices along a 'model'-split row is a masked "
-    "gather summed across shards: all-reduces of m x rows x k values (w: f32[32,8,6])"
+_TENSOR_PARALLEL = {"w": P("data", "model"), "b": P("model")}
+_FSDP = {"w": P(("data", "model")), "b": P()}
+_SPLIT_ROWS = (
+    "with the rows' last axis split ('model'), a sparse window's per-row selection needs "
+    "each row whole (w's rows gathered along 'model': f32[32,32] -> f32[32,128]), and "
+    "picking x at the window's indices along a split row is a masked gather summed "
+    "across shards: all-reduces of m x rows x k values (w: f32[32,8,6])"
 )
 
 
 @pytest.mark.parametrize(
-    "make",
+    "make, specs",
     [
-        pytest.param(lambda: lo.mfac(1e-3, num_grads=8), id="mfac"),
-        pytest.param(lambda: lo.ggt(1e-3, num_grads=8), id="ggt"),
+        pytest.param(lambda: lo.mfac(1e-3, num_grads=8), _TENSOR_PARALLEL, id="mfac"),
+        pytest.param(lambda: lo.ggt(1e-3, num_grads=8), _TENSOR_PARALLEL, id="ggt"),
+        # rows split (FSDP): each device selects in its own rows (row_top_k)
+        pytest.param(
+            lambda: lo.sparse_mfac(1e-3, num_grads=8, density=0.05), _FSDP, id="sparse_mfac"
+        ),
         pytest.param(
             lambda: lo.sparse_mfac(1e-3, num_grads=8, density=0.05),
-            id="sparse_mfac",
-            marks=pytest.mark.xfail(strict=True, reason=_SPARSE_GATHERS),
+            _TENSOR_PARALLEL,
+            id="sparse_mfac_split_rows",
+            marks=pytest.mark.xfail(strict=True, reason=_SPLIT_ROWS),
         ),
     ],
 )
-def test_window_update_reduces_only_the_partial_dots(make):
+def test_window_update_reduces_only_the_partial_dots(make, specs):
     """Under a 2 x 4 mesh, the donated update of a window sharded like the params moves
     only small things: all-reduces of the ``m`` partial dot products ``G x`` (and scalars:
     ``|x|^2``, the finiteness flags), no param or window gathered, permuted or reduced."""
     m = 8
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-    specs = {"w": P("data", "model"), "b": P("model")}
     shapes = {"w": (64, 128), "b": (128,)}
     ps = {k: NamedSharding(mesh, s) for k, s in specs.items()}
     params = {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=ps[k]) for k in shapes}
