@@ -30,8 +30,8 @@ from lowbit_optax.bench.timing import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ("lm", "digits", "update", "memory")
-TIMED = ("lm", "digits", "update")
+TASKS = ("lm", "mlp_lm", "digits", "update", "memory")
+TIMED = ("lm", "mlp_lm", "digits", "update")
 # The --quick run covers one optimizer per technique and composition plus the baselines
 # (compiling every registered optimizer for three tasks took ~4 minutes of the suite);
 # test_every_registered_optimizer_builds_and_inits covers the rest of the registry.

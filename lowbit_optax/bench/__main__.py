@@ -1,7 +1,7 @@
 """``python -m lowbit_optax.bench``: memory, speed and loss of every registered optimizer.
 
-Runs the tasks ``lm``, ``digits``, ``update`` and ``memory`` (see ``tasks``) for the chosen
-optimizers, prints a table per task and writes ``results.json``, ``results.md`` and
+Runs the tasks ``lm``, ``mlp_lm``, ``digits``, ``update`` and ``memory`` (see ``tasks``)
+for the chosen optimizers, prints a table per task and writes ``results.json``, ``results.md`` and
 ``results.png`` into ``--out``. Times are ratios to ``optax.adamw`` measured
 interleaved in this process; see results.md for how to read them.
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 from lowbit_optax.bench import registry
 
-TASK_NAMES = ("lm", "digits", "update", "memory")
+TASK_NAMES = ("lm", "mlp_lm", "digits", "update", "memory")
 EXTRAS = {"flax": "flax", "matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
 
 
@@ -256,7 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_extras()
     from lowbit_optax.bench import memory_task, report, tasks  # needs the extras checked above
 
-    runners = (tasks.LMTask(), tasks.DigitsTask(), tasks.UpdateTask(), memory_task.MemoryTask())
+    runners = (
+        tasks.LMTask(),
+        tasks.MLPLMTask(),
+        tasks.DigitsTask(),
+        tasks.UpdateTask(),
+        memory_task.MemoryTask(),
+    )
     task_of = {t.name: t for t in runners}
 
     start = time.perf_counter()

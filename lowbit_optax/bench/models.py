@@ -1,9 +1,10 @@
 """Flax NNX models used by the benchmark, the examples and the tests.
 
-The transformer keeps every projection a 2-D ``nnx.Linear`` kernel laid out
-(in, out), as Flax does, so per-layer rules (SlimAdam) and low-rank projection see
-plain matrices. Parameter names: ``embed``, ``blocks/i/{attn/{q,k,v,o},mlp/{up,down},
-norm1,norm2}``, ``norm_f``, ``lm_head`` (absent with tied embeddings).
+The language models (a transformer, and an MLP without attention) keep every projection
+a 2-D ``nnx.Linear`` kernel laid out (in, out), as Flax does, so per-layer rules
+(SlimAdam) and low-rank projection see plain matrices. The transformer's parameter
+names: ``embed``, ``blocks/i/{attn/{q,k,v,o},mlp/{up,down},norm1,norm2}``, ``norm_f``,
+``lm_head`` (absent with tied embeddings).
 """
 
 from __future__ import annotations
@@ -88,6 +89,36 @@ class TransformerLM(nnx.Module):
         return self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class MLPLMConfig:
+    vocab_size: int = 256
+    context: int = 8  # bytes each prediction sees
+    embed: int = 64  # per byte: the first layer takes context * embed values
+    hidden: int = 512
+    seq_len: int = 128
+
+
+class MLPLM(nnx.Module):
+    """Byte-level MLP language model, no attention (Bengio et al. 2003): each next byte
+    from the embeddings of the ``context`` bytes before it, concatenated, through two
+    GELU layers. Parameter names: ``embed``, ``l1``, ``l2``, ``out``."""
+
+    def __init__(self, cfg: MLPLMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.embed, rngs=rngs)
+        self.l1 = nnx.Linear(cfg.context * cfg.embed, cfg.hidden, rngs=rngs)
+        self.l2 = nnx.Linear(cfg.hidden, cfg.hidden, rngs=rngs)
+        self.out = nnx.Linear(cfg.hidden, cfg.vocab_size, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        b, t = tokens.shape
+        c = self.cfg.context
+        padded = jnp.pad(tokens, ((0, 0), (c - 1, 0)))  # byte 0 before the text
+        windows = jnp.stack([padded[:, i : i + t] for i in range(c)], axis=-1)  # (b, t, c)
+        x = self.embed(windows).reshape(b, t, c * self.cfg.embed)
+        return self.out(jax.nn.gelu(self.l2(jax.nn.gelu(self.l1(x)))))
+
+
 class MLPClassifier(nnx.Module):
     """Two hidden layers with GELU, for the digits task."""
 
@@ -100,7 +131,7 @@ class MLPClassifier(nnx.Module):
         return self.out(jax.nn.gelu(self.l2(jax.nn.gelu(self.l1(x)))))
 
 
-def lm_loss(model: TransformerLM, tokens: jax.Array, targets: jax.Array) -> jax.Array:
+def lm_loss(model: TransformerLM | MLPLM, tokens: jax.Array, targets: jax.Array) -> jax.Array:
     logits = model(tokens).astype(jnp.float32)
     return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1))
 

@@ -520,16 +520,17 @@ class LMTask(TrainingTask):
     """Byte-level TransformerLM on the text of ``pydoc_data.topics``."""
 
     name = "lm"
+    model = models.TransformerLM
     batch_size = 8
     eval_batch_size = 16
     eval_batches = 4
 
+    # 300 steps at lr 1e-3
+    default_plan = Plan(steps=300, lr=1e-3, log_every=10, eval_every=50, rounds=5, calls=5)
+
     def plan(self, settings: Settings) -> Plan:
-        """300 steps at lr 1e-3 (quick: 20 steps)."""
-        if settings.quick:
-            base = _quick_plan(calls=2)
-        else:
-            base = Plan(steps=300, lr=1e-3, log_every=10, eval_every=50, rounds=5, calls=5)
+        """``default_plan`` (quick: 20 steps)."""
+        base = _quick_plan(calls=2) if settings.quick else self.default_plan
         return _override(base, settings)
 
     def model_config(self, quick: bool) -> models.LMConfig:
@@ -542,7 +543,7 @@ class LMTask(TrainingTask):
         """TransformerLM split into a pure parameter dict; eval on fixed held-out windows."""
         cfg = self.model_config(settings.quick)
         text = data.pydoc_text()
-        model = models.TransformerLM(cfg, rngs=nnx.Rngs(settings.seed))
+        model = self.model(cfg, rngs=nnx.Rngs(settings.seed))
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss_fn(p: Any, batch: Batch) -> jax.Array:
@@ -559,7 +560,7 @@ class LMTask(TrainingTask):
             return {"eval_loss": float(np.mean([eval_loss(p, b) for b in eval_data]))}
 
         config = {
-            "model": {"class": "TransformerLM", **dataclasses.asdict(cfg)},
+            "model": {"class": self.model.__name__, **dataclasses.asdict(cfg)},
             "data": "pydoc_data.topics bytes, last 10% held out",
             "batch_size": self.batch_size,
             "eval_tokens": len(eval_data) * self.eval_batch_size * cfg.seq_len,
@@ -571,6 +572,24 @@ class LMTask(TrainingTask):
             batches=data.lm_batches(text.train, self.batch_size, cfg.seq_len, settings.seed),
             config=config,
         )
+
+
+class MLPLMTask(LMTask):
+    """Byte-level MLPLM (no attention) on the same text: the second model family on which
+    low-rank projection is judged (its gradient subspaces move unlike a transformer's)."""
+
+    name = "mlp_lm"
+    model = models.MLPLM
+
+    # 1500 steps; lr from an adamw sweep (benchmarks/mlp_lm_lrs)
+    default_plan = Plan(steps=1500, lr=3e-3, log_every=10, eval_every=100, rounds=5, calls=5)
+
+    def model_config(self, quick: bool) -> models.MLPLMConfig:
+        """8 bytes of context, 64 per byte, two 512-wide layers, 128 tokens a window
+        (quick: 4 bytes of 16, 64 wide, 64 tokens)."""
+        if quick:
+            return models.MLPLMConfig(context=4, embed=16, hidden=64, seq_len=64)
+        return models.MLPLMConfig()
 
 
 class DigitsTask(TrainingTask):
