@@ -450,6 +450,7 @@ def subtrack_adamw(
     rank: int | float | None = None,
     update_interval: int | None = None,
     step_size: float = 1.0,
+    directions: int | None = None,
     scale: float = 0.25,
     moments: str = "rotate",
     recover: bool = False,
@@ -466,6 +467,8 @@ def subtrack_adamw(
         (default 0.25).
       update_interval: steps between geodesic steps (an SVD at the first; default 50).
       step_size: the scale-free geodesic step (see ``SubTrackProjector``).
+      directions: how many of the tangent's top singular directions a geodesic step
+        turns (default 1, the paper's rank-1 step; an int ``>= r``: the whole geodesic).
       scale: ``alpha``, the factor on back-projected updates.
       moments: ``rotate`` (SubTrack++), ``keep`` or ``reset`` the inner moments at a
         change of subspace.
@@ -487,7 +490,7 @@ def subtrack_adamw(
     projected = low_rank_projection(
         scale_by_adam_like(b1, b2, eps),
         rank=static_arg("rank", rank, 0.25),
-        projector=SubTrackProjector(step_size),
+        projector=SubTrackProjector(step_size, static_arg("directions", directions, 1)),
         update_interval=static_arg("update_interval", update_interval, 50),
         scale=scale,
         min_dim=min_dim,

@@ -113,43 +113,64 @@ def coap_loss_grad(
     return gk @ x + s @ y
 
 
-def geodesic_step(s: jax.Array, gk: jax.Array, step_size: float | jax.Array) -> jax.Array:
-    """One SubTrack step on the Grassmannian, downhill on ``|Gk - S S^T Gk|^2``, with the
-    scale-free angle ``step_size * sigma / |Gk|_F^2``. Keeps ``S`` orthonormal."""
-    return _geodesic(s, gk, s.T @ gk, step_size)[0]
+def geodesic_step(
+    s: jax.Array, gk: jax.Array, step_size: float | jax.Array, directions: int = 1
+) -> jax.Array:
+    """One SubTrack step on the Grassmannian, downhill on ``|Gk - S S^T Gk|^2``, along the
+    top ``directions`` singular triplets of the tangent, each turned by the scale-free
+    angle ``step_size * sigma_i / |Gk|_F^2``. Keeps ``S`` orthonormal."""
+    return _geodesic(s, gk, s.T @ gk, step_size, directions)[0]
 
 
 def geodesic_step_projected(
-    s: jax.Array, gk: jax.Array, a: jax.Array, step_size: float | jax.Array
+    s: jax.Array, gk: jax.Array, a: jax.Array, step_size: float | jax.Array, directions: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """``geodesic_step`` given ``A = S^T Gk``; also returns ``S_new^T Gk``.
 
-    The step is a rank-1 update ``S_new = S + w v^T`` with
-    ``w = S v (cos(theta) - 1) - u sin(theta)``, so
-    ``S_new^T Gk = A + v ((cos(theta) - 1) v^T A - sin(theta) u^T Gk)``: one ``K x M``
-    matrix-vector product instead of a ``K x M x r`` product.
+    The step is a rank-``k`` update ``S_new = S + W V^T`` (``k = directions``) with
+    ``W = S V (cos(Theta) - I) - U sin(Theta)``, so
+    ``S_new^T Gk = A + V ((cos(Theta) - I) V^T A - sin(Theta) U^T Gk)``: ``k`` ``K x M``
+    matrix-vector products instead of a ``K x M x r`` product.
     """
-    s_new, v, q = _geodesic(s, gk, a, step_size)
-    return s_new, a + jnp.outer(v, q)
+    s_new, v, q = _geodesic(s, gk, a, step_size, directions)
+    return s_new, a + v @ q
 
 
-def _geodesic(s, gk, a, step_size):
-    """``(S_new, v, q)`` of the geodesic step, with ``S_new^T Gk = A + v q^T``."""
+def _geodesic(s, gk, a, step_size, directions):
+    """``(S_new, V, Q)`` of the geodesic step, with ``S_new^T Gk = A + V Q``.
+
+    The exact Grassmann geodesic from ``S`` along the tangent ``H = U Sigma V^T`` is
+    ``S V cos(Sigma t) V^T + U sin(Sigma t) V^T`` (Edelman et al. 1998); this takes the
+    part along the top ``k`` triplets (``k = 1``: SubTrack's rank-1 step, ``k = r``: the
+    whole geodesic), each with its own angle ``theta_i = step_size * sigma_i / |Gk|^2``.
+    """
     # Riemannian gradient of the loss, K x r: -2 R A^T with R = Gk - S A, evaluated as
-    # -2 (Gk A^T - S (A A^T)), one K x M x r product fewer
+    # -2 (Gk A^T - S (A A^T)), one K x M x r product fewer; S^T H = 0
     tangent = -2.0 * (gk @ a.T - s @ (a @ a.T))
-    # top singular triplet from the r x r Gram matrix (an r x r eigh instead of a K x r
-    # SVD, much cheaper on XLA CPU): v the top eigenvector, sigma = sqrt(lambda), u = T v / sigma
+    # top-k singular triplets from the r x r Gram matrix (an r x r eigh instead of a K x r
+    # SVD, much cheaper on XLA CPU): V its top eigenvectors, sigma = sqrt(lambda),
+    # U = H V / sigma
     evals, evecs = jnp.linalg.eigh(tangent.T @ tangent)
-    v1 = evecs[:, -1]
-    s1 = jnp.sqrt(jnp.maximum(evals[-1], 0.0))
-    tv = tangent @ v1
-    u1 = jnp.where(s1 > 0, tv / jnp.where(s1 > 0, s1, 1.0), 0.0)
-    energy = jnp.sum(gk**2)
-    theta = jnp.where(energy > 0, step_size * s1 / jnp.where(energy > 0, energy, 1.0), 0.0)
+    v = evecs[:, -directions:]
+    sigma = jnp.sqrt(jnp.maximum(evals[-directions:], 0.0))
+    ok = sigma > 0
+    u = jnp.where(ok, (tangent @ v) / jnp.where(ok, sigma, 1.0), 0.0)
+    va, ug = v.T @ a, u.T @ gk  # (S V)^T Gk and U^T Gk, k x M
+    if step_size is None:
+        # the best angle of each direction: S v_i turned towards u_i by theta captures
+        # e(theta) = |cos(theta) x - sin(theta) y|^2 of Gk's energy (x = v_i^T A,
+        # y = u_i^T Gk), and the turned directions stay orthonormal, so the energy the
+        # new subspace captures is a sum of independent e(theta_i): each is maximal at
+        # theta_i = atan2(-2 x.y, |x|^2 - |y|^2) / 2
+        xy = jnp.sum(va * ug, axis=1)
+        theta = 0.5 * jnp.arctan2(-2.0 * xy, jnp.sum(va**2, axis=1) - jnp.sum(ug**2, axis=1))
+        theta = jnp.where(ok, theta, 0.0)
+    else:
+        energy = jnp.sum(gk**2)
+        theta = jnp.where(energy > 0, step_size * sigma / jnp.where(energy > 0, energy, 1.0), 0.0)
     cos1, sin = jnp.cos(theta) - 1.0, jnp.sin(theta)
-    s_new = s + jnp.outer((s @ v1) * cos1 - u1 * sin, v1)
-    return s_new, v1, cos1 * (v1 @ a) - sin * (u1 @ gk)
+    s_new = s + ((s @ v) * cos1 - u * sin) @ v.T
+    return s_new, v, cos1[:, None] * va - sin[:, None] * ug
 
 
 class Projector(abc.ABC):
@@ -271,18 +292,33 @@ class SubTrackProjector(Projector):
     """SubTrack-Grad: an SVD at ``t = 0``, then one Grassmannian geodesic step per event.
 
     Attributes:
-      step_size: scale-free step; the rotation angle is ``step_size * sigma / |G|_F^2``
-        with ``sigma`` the top singular value of the tangent ``-2 R A^T``
-        (``sigma / |G|^2 <= 1``).
+      step_size: scale-free step; the rotation angle of a direction is
+        ``step_size * sigma / |G|_F^2`` with ``sigma`` its singular value of the tangent
+        ``-2 R A^T`` (``sigma / |G|^2 <= 1``). ``None``: each direction turns by the
+        angle that captures the most of ``G``'s energy (an exact line search along it).
+      directions: how many of the tangent's top singular directions one step turns:
+        1, the paper's rank-1 step (at most ``1 / r`` of the subspace distance per
+        event), up to ``r``, the whole geodesic; ``None``: ``r``.
     """
 
     step_size: float = 1.0
+    directions: int | None = 1
+
+    def __post_init__(self) -> None:
+        d = self.directions
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+            raise ValueError(
+                f"directions must be None (all r) or a positive int (1: the paper's rank-1 "
+                f"step), got {d!r}"
+            )
 
     def refresh(self, *, s, gk, a, mk, count, interval, key):
         del mk, interval, key
-        first = lambda: top_subspace_projected(gk, s.shape[1])
+        r = s.shape[1]
+        k = r if self.directions is None else min(self.directions, r)
+        first = lambda: top_subspace_projected(gk, r)
         return jax.lax.cond(
-            count == 0, first, lambda: geodesic_step_projected(s, gk, a, self.step_size)
+            count == 0, first, lambda: geodesic_step_projected(s, gk, a, self.step_size, k)
         )
 
 

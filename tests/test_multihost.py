@@ -9,7 +9,6 @@ checkpoint the two processes of ``train`` wrote.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pathlib
@@ -57,23 +56,9 @@ def _run_all(out: pathlib.Path) -> None:
         else:
             rc = train_multihost.launch(processes, argv, 4, timeout=TIMEOUT, script=str(WORKER))
         assert rc == 0, f"the {role} run failed (exit {rc}); its output is above"
-    (out / "done").touch()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    # once per test session, whichever pytest-xdist worker comes first (the others wait
-    # on the lock and read its results): the temp root's parent is shared by the workers
-    base = tmp_path_factory.getbasetemp()
-    out = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "multihost"
-    out.mkdir(exist_ok=True)
-    with open(out / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (out / "done").exists():
-                _run_all(out)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _load(out: pathlib.Path) -> dict[str, Any]:
     roles = {}
     for role, processes in [("train", 2), ("single", 1), ("reshard", 2)]:
         results = dict(np.load(out / f"{role}.npz"))
@@ -91,8 +76,7 @@ def _tree(runs, role: str, name: str, tag: str) -> dict[str, np.ndarray]:
     return got
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_two_processes_train_as_one(runs, name: str) -> None:
+def two_processes_train_as_one(runs, name: str) -> None:
     initial = _tree(runs, "train", name, "initial")
     two, one = _tree(runs, "train", name, "final"), _tree(runs, "single", name, "final")
     assert two.keys() == one.keys() == initial.keys()
@@ -102,8 +86,7 @@ def test_two_processes_train_as_one(runs, name: str) -> None:
         np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-4, err_msg=k)
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_each_process_holds_half_of_every_large_state_leaf(runs, name: str) -> None:
+def each_process_holds_half_of_every_large_state_leaf(runs, name: str) -> None:
     per_process = runs["train"][1]
     assert len(per_process) == 2
     for held in per_process:
@@ -113,19 +96,17 @@ def test_each_process_holds_half_of_every_large_state_leaf(runs, name: str) -> N
     assert set(runs["single"][1][0][name].values()) == {1.0}
 
 
-@pytest.mark.parametrize("role", ["single", "reshard"])
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_a_two_process_checkpoint_restores_exactly_into_another_layout(runs, name, role):
+def a_two_process_checkpoint_restores_exactly_into_another_layout(runs, name: str) -> None:
     saved = _tree(runs, "train", name, "saved_state")
-    restored = _tree(runs, role, name, "restored_state")
-    assert saved.keys() == restored.keys()
-    for k in saved:
-        np.testing.assert_array_equal(restored[k], saved[k], err_msg=k)
-        assert restored[k].dtype == saved[k].dtype, k
+    for role in ("single", "reshard"):
+        restored = _tree(runs, role, name, "restored_state")
+        assert saved.keys() == restored.keys()
+        for k in saved:
+            np.testing.assert_array_equal(restored[k], saved[k], err_msg=f"{role} {k}")
+            assert restored[k].dtype == saved[k].dtype, k
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_training_continues_from_the_checkpoint(runs, name: str) -> None:
+def training_continues_from_the_checkpoint(runs, name: str) -> None:
     final = _tree(runs, "train", name, "final")
     # same processes and mesh: the resumed run is the uninterrupted one, bit for bit
     resumed = _tree(runs, "train", name, "resumed")
@@ -136,3 +117,22 @@ def test_training_continues_from_the_checkpoint(runs, name: str) -> None:
         other = _tree(runs, role, name, "resumed")
         for k in final:
             np.testing.assert_allclose(other[k], final[k], rtol=0, atol=1e-4, err_msg=k)
+
+
+CHECKS = (
+    two_processes_train_as_one,
+    each_process_holds_half_of_every_large_state_leaf,
+    a_two_process_checkpoint_restores_exactly_into_another_layout,
+    training_continues_from_the_checkpoint,
+)
+
+
+def test_multi_process_training(tmp_path: pathlib.Path, subtests) -> None:
+    """The three runs once (one test: the runs take both cores, and a second xdist worker
+    would only wait for them), then every check for every optimizer as a subtest."""
+    _run_all(tmp_path)
+    runs = _load(tmp_path)
+    for check in CHECKS:
+        for name in OPTIMIZERS:
+            with subtests.test(msg=check.__name__, optimizer=name):
+                check(runs, name)
