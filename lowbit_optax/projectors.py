@@ -151,10 +151,18 @@ def _geodesic(s, gk, a, step_size, directions):
     # SVD, much cheaper on XLA CPU): V its top eigenvectors, sigma = sqrt(lambda),
     # U = H V / sigma
     evals, evecs = jnp.linalg.eigh(tangent.T @ tangent)
-    v = evecs[:, -directions:]
-    sigma = jnp.sqrt(jnp.maximum(evals[-directions:], 0.0))
-    ok = sigma > 0
+    v = evecs[:, ::-1][:, :directions]  # the top k, largest first
+    sigma = jnp.sqrt(jnp.maximum(evals[::-1][:directions], 0.0))
+    # the Gram matrix's small eigenvalues are noise in float32 (absolute error ~ eps
+    # lambda_max): directions with sigma below 1e-3 sigma_max do not turn
+    ok = sigma > 1e-3 * sigma[0]
     u = jnp.where(ok, (tangent @ v) / jnp.where(ok, sigma, 1.0), 0.0)
+    if directions > 1:
+        # U orthonormal and orthogonal to S to working precision (S_new's columns are
+        # then orthonormal): a QR of its part outside S, largest first so the directions
+        # that do not turn (zero columns, last) cannot bend the others; signs kept
+        q, r = jnp.linalg.qr(u - s @ (s.T @ u))
+        u = jnp.where(ok, q * jnp.where(jnp.diag(r) < 0, -1.0, 1.0), 0.0)
     va, ug = v.T @ a, u.T @ gk  # (S V)^T Gk and U^T Gk, k x M
     if step_size is None:
         # the best angle of each direction: S v_i turned towards u_i by theta captures
@@ -168,6 +176,7 @@ def _geodesic(s, gk, a, step_size, directions):
     else:
         energy = jnp.sum(gk**2)
         theta = jnp.where(energy > 0, step_size * sigma / jnp.where(energy > 0, energy, 1.0), 0.0)
+        theta = jnp.where(ok, theta, 0.0)
     cos1, sin = jnp.cos(theta) - 1.0, jnp.sin(theta)
     s_new = s + ((s @ v) * cos1 - u * sin) @ v.T
     return s_new, v, cos1[:, None] * va - sin[:, None] * ug

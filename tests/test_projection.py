@@ -256,6 +256,21 @@ def test_rank_k_geodesic_keeps_s_orthonormal_and_a_exact(directions, step_size):
     assert _captured(s_new, gk) >= _captured(s, gk) - 1e-6
 
 
+def test_whole_geodesic_stays_orthonormal_on_a_low_rank_gradient():
+    """A rank-2 gradient and r = 8: the tangent has 2 directions and 6 of numerical noise;
+    those must not turn (their float32 triplets are noise), or S loses orthonormality."""
+    left = np.asarray(_g((64, 2), 14), np.float64)
+    gk = jnp.asarray(left @ np.asarray(_g((2, 96), 15), np.float64), jnp.float32)  # K x M
+    s = pj.top_subspace(_g((64, 96), 16), 8)
+    for step_size in (None, 1.0):
+        s_new = s
+        for _ in range(3):
+            s_new = pj.geodesic_step(s_new, gk, step_size, 8)
+        s64 = np.asarray(s_new, np.float64)
+        np.testing.assert_allclose(s64.T @ s64, np.eye(8), atol=1e-5)
+    assert _captured(s_new, gk) >= _captured(s, gk) - 1e-6
+
+
 def test_best_angle_is_the_maximum_along_each_direction():
     """With ``step_size=None`` one direction turns by the angle that captures the most of
     ``Gk``: checked against a float64 grid of angles in the step's plane."""
