@@ -232,6 +232,11 @@ def make_train_step(graphdef, tx, param_shardings, state_shardings, mesh):
     )
 
 
+def layout_of(tree: Any) -> Any:
+    """``tree``'s shapes, dtypes and shardings as ``ShapeDtypeStruct``s (a restore target)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
     stored = jax.tree.map(train_lm._storable, {"params": params, "opt_state": opt_state})
     mngr.save(
@@ -245,8 +250,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state):
     """The checkpoint of ``step`` in the layout of ``params``/``opt_state`` (arrays or
     ``ShapeDtypeStruct``s with shardings): resharded where the mesh differs, exact."""
     abstract = {"params": params, "opt_state": opt_state}
-    as_abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-    target = jax.tree.map(lambda x: train_lm._storable(as_abstract(x)), abstract)
+    target = jax.tree.map(train_lm._storable, layout_of(abstract))
     got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     restored = jax.tree.map(
         lambda a, x: (

@@ -77,9 +77,6 @@ def scenario(role, tx, mesh, out, record, fractions):
     state = lo.sharded_init(tx, params)
     shardings = jax.tree.map(lambda x: x.sharding, params)
     step = mh.make_train_step(graphdef, tx, shardings, lo.state_shardings(tx, params), mesh)
-    layout = lambda tree: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
-    )
 
     def run(params, state, start, stop):
         for s in range(start, stop):
@@ -102,12 +99,12 @@ def scenario(role, tx, mesh, out, record, fractions):
             params, state = run(params, state, SAVED, STEPS)
             record("final", params)
             # the checkpoint restored into the same layout, and the same 3 steps again
-            params, state = mh.restore(ckpt, SAVED, *layout((params, state)))
+            params, state = mh.restore(ckpt, SAVED, *mh.layout_of((params, state)))
         else:
             if role == "single":
                 params, state = run(params, state, 0, STEPS)
                 record("final", params)
-            params, state = mh.restore(ckpt, SAVED, *layout((params, state)))
+            params, state = mh.restore(ckpt, SAVED, *mh.layout_of((params, state)))
             record("restored_state", state)
             fractions[record.name] = held(state)
         params, state = run(params, state, SAVED, STEPS)
