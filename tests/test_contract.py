@@ -923,12 +923,13 @@ def test_inject_hyperparams_with_defaults(entry: Entry):
     chex.assert_trees_all_close(inj, plain, rtol=1e-5, atol=1e-7)
     tx = injected(learning_rate=lr)
     names = sorted(set(_INJECTED) & set(tx.init(params).hyperparams))
+    update = jax.jit(tx.update)  # one compilation for every hyperparameter set below
     for name in ["learning_rate", *names]:
         state = tx.init(params)
         state.hyperparams[name] = jnp.asarray(
-            2 * lr if name == "learning_rate" else _INJECTED[name]
+            2 * lr if name == "learning_rate" else _INJECTED[name],
+            state.hyperparams[name].dtype,
         )
-        update = jax.jit(tx.update)
         _, state = update(grads_seq[0], state, params)
         u, _ = update(grads_seq[1], state, params)
         diff = max(

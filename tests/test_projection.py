@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+import lowbit_optax
 from lowbit_optax import projection as pj
 
 SIDES = [(96, 48), (48, 96)]  # m >= n (right) and m < n (left)
@@ -308,6 +309,36 @@ def test_whole_geodesic_with_best_angles_approaches_the_svd():
         s = pj.geodesic_step(s, gk, None, r)
     assert resid(s) <= 1.05 * best, (resid(s), best, resid(s0))
     assert resid(pj.geodesic_step(s0, gk, 1.0, r)) > 0.9 * resid(s0)
+
+
+def test_subtrack_whole_geodesic_follows_a_moved_subspace_the_paper_step_cannot():
+    """``subtrack_adamw`` with every direction at its best angle (``directions >= r``,
+    ``step_size=None``) against the paper's rank-1 step (``directions=1``,
+    ``step_size=1.0``): after the SVD of step 0 the gradient moves to another rank-8
+    subspace. Three events bring the whole geodesic's ``S`` to most of the new gradient's
+    energy; the rank-1 step turns one direction per event (at most 1/8 of the subspace
+    each) by a small angle."""
+    k, m, r = 48, 96, 8
+    old = np.linalg.qr(np.asarray(_g((k, r), 20), np.float64))[0]
+    new = np.linalg.qr(np.asarray(_g((k, r), 21), np.float64))[0]
+    spread = np.diag(np.linspace(2.0, 1.0, r))
+    grad = lambda basis, seed: jnp.asarray(  # (m, n) = (96, 48), so Gk = G^T is K x M
+        (basis @ spread @ np.asarray(_g((r, m), seed), np.float64)).T, jnp.float32
+    )
+    captured = {}
+    whole, paper = dict(directions=r, step_size=None), dict(directions=1, step_size=1.0)
+    for label, kwargs in [("whole", whole), ("paper", paper)]:
+        tx = lowbit_optax.subtrack_adamw(1e-3, rank=r, update_interval=1, min_dim=8, **kwargs)
+        params = {"w": jnp.zeros((m, k))}
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        _, state = update({"w": grad(old, 30)}, state, params)
+        for step in range(3):
+            g = grad(new, 31 + step)
+            _, state = update({"w": g}, state, params)
+        captured[label] = _captured(state[0].projectors["w"], _orient64(grad(new, 40)))
+    assert captured["whole"] > 0.9, captured
+    assert captured["paper"] < 0.5, captured
 
 
 def test_subtrack_directions_are_validated():
