@@ -449,8 +449,8 @@ def subtrack_adamw(
     *,
     rank: int | float | None = None,
     update_interval: int | None = None,
-    step_size: float = 1.0,
-    directions: int | None = None,
+    step_size: float | None = None,
+    directions: int | float | None = None,
     scale: float = 0.25,
     moments: str = "rotate",
     recover: bool = False,
@@ -465,10 +465,16 @@ def subtrack_adamw(
       learning_rate, b1, b2, eps, weight_decay, mask: as ``optax.adamw``.
       rank: projection rank: an int, or a fraction in (0, 1] of ``min(m, n)``
         (default 0.25).
-      update_interval: steps between geodesic steps (an SVD at the first; default 50).
-      step_size: the scale-free geodesic step (see ``SubTrackProjector``).
+      update_interval: steps between geodesic steps (an SVD at the first; default 30,
+        chosen from measured subspace drift, see ``benchmarks/projection_remedy``).
+      step_size: ``None`` (the default): each turned direction takes the angle that
+        captures the most of the gradient's energy (an exact line search along it); a
+        float: the paper's scale-free angle ``step_size * sigma / |G|_F^2`` (see
+        ``SubTrackProjector``).
       directions: how many of the tangent's top singular directions a geodesic step
-        turns (default 1, the paper's rank-1 step; an int ``>= r``: the whole geodesic).
+        turns: ``None`` (the default), all ``r`` (the whole geodesic); an int (``1``,
+        with ``step_size=1.0``, is the paper's rank-1 step); a float in (0, 1], a
+        fraction of ``r``.
       scale: ``alpha``, the factor on back-projected updates.
       moments: ``rotate`` (SubTrack++), ``keep`` or ``reset`` the inner moments at a
         change of subspace.
@@ -482,6 +488,7 @@ def subtrack_adamw(
       >>> import jax.numpy as jnp
       >>> tx = subtrack_adamw(1e-3, rank=64, recover=True)
       >>> state = tx.init({"w": jnp.ones((512, 256))})
+      >>> paper = subtrack_adamw(1e-3, update_interval=50, step_size=1.0, directions=1)
 
     References:
       Rajabi et al., SubTrack your Grad: Gradient Subspace Tracking for Memory and Time
@@ -490,8 +497,8 @@ def subtrack_adamw(
     projected = low_rank_projection(
         scale_by_adam_like(b1, b2, eps),
         rank=static_arg("rank", rank, 0.25),
-        projector=SubTrackProjector(step_size, static_arg("directions", directions, 1)),
-        update_interval=static_arg("update_interval", update_interval, 50),
+        projector=SubTrackProjector(step_size, static_arg("directions", directions, None)),
+        update_interval=static_arg("update_interval", update_interval, 30),
         scale=scale,
         min_dim=min_dim,
         mask=projection_mask,

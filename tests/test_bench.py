@@ -325,6 +325,16 @@ def test_interleaved_runs_take_turns_and_sum_each_rounds_pieces() -> None:
     assert errors == {"broken": "error: RuntimeError: late"}
 
 
+def test_interleaved_runs_with_a_count_per_name() -> None:
+    """A name whose count is reached sits out the later rounds; the others keep turns."""
+    calls: list[str] = []
+    runs = {n: (lambda k, n=n: calls.append(n) or float(k)) for n in ("ref", "a", "b")}
+    samples, errors = interleaved_runs(runs, [2], {"ref": 4, "a": 3, "b": 1})
+    assert calls == ["ref", "a", "b", "ref", "a", "ref", "a", "ref"]
+    assert samples == {"ref": [2.0] * 4, "a": [2.0] * 3, "b": [2.0]}
+    assert errors == {}
+
+
 def test_cli_parses_lists_and_always_includes_the_reference() -> None:
     args = cli.parse_args(["--task", "update,lm", "--task", "lm", "--optimizers", "galore"])
     assert args.task == ["update", "lm"]
@@ -509,8 +519,13 @@ def test_cli_set_and_sweep_make_labelled_variants() -> None:
         "proj_dtype": "bfloat16",
     }
     assert args.seeds == [3, 1]
-    # variants keep their optimizer's registry entries
+    # variants keep their optimizer's registry entries; the event period follows an
+    # overridden interval (COAP's is its interval times its reproject factor)
     assert registry.event_period("galore_adamw[rank=0.5]") == 200
+    assert registry.event_period("coap_adamw[update_interval=50,proj_dtype=bfloat16]") == 250
+    assert registry.event_period("subtrack_adamw") == 30
+    label, _ = registry.variant("subtrack_adamw", {"update_interval": 25})
+    assert registry.event_period(label) == 25
     assert registry.takes_rules("slim_adamw[mu_bits=8]")
     assert not registry.runs_on("mfac[damping=0.1]", "update")
 

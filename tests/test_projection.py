@@ -14,6 +14,7 @@ import pytest
 
 import lowbit_optax
 from lowbit_optax import projection as pj
+from lowbit_optax import projectors
 
 SIDES = [(96, 48), (48, 96)]  # m >= n (right) and m < n (left)
 
@@ -341,9 +342,40 @@ def test_subtrack_whole_geodesic_follows_a_moved_subspace_the_paper_step_cannot(
     assert captured["paper"] < 0.5, captured
 
 
-def test_subtrack_directions_are_validated():
+@pytest.mark.parametrize("bad", [0, -1, True, 0.0, 1.5, "all"])
+def test_subtrack_directions_are_validated(bad):
     with pytest.raises(ValueError, match="directions must be None"):
-        pj.SubTrackProjector(directions=0)
+        pj.SubTrackProjector(directions=bad)
+
+
+@pytest.mark.parametrize(
+    ("directions", "r", "turned"),
+    [(None, 64, 64), (1, 64, 1), (100, 64, 64), (0.5, 64, 32), (0.25, 6, 2), (0.01, 6, 1)],
+)
+def test_subtrack_directions_count(directions, r, turned):
+    """An int is a count (at most ``r``), a float a fraction of ``r`` (at least one)."""
+    assert pj.SubTrackProjector(directions=directions).turned(r) == turned
+
+
+def test_orthonormalized_matches_a_float64_qr_and_falls_back_when_singular():
+    """The Cholesky QR of a nearly orthonormal block with a zero (not turning) column:
+    float64 QR's ``Q`` with a positive ``R`` diagonal, the zero column kept zero. A
+    rank-deficient block (two equal columns; its Gram matrix has no Cholesky factor) still
+    comes out orthonormal and finite, through the Householder fallback."""
+    base = np.linalg.qr(np.asarray(_g((80, 6), 50), np.float64))[0]
+    w = base @ (np.eye(6) + 0.05 * np.asarray(_g((6, 6), 51), np.float64))  # near-orthonormal
+    w[:, 5] = 0.0
+    ok = jnp.asarray([True] * 5 + [False])
+    q = np.asarray(projectors._orthonormalized(jnp.asarray(w, jnp.float32), ok), np.float64)
+    q64, r64 = np.linalg.qr(w[:, :5])
+    q64 = q64 * np.sign(np.diag(r64))
+    np.testing.assert_allclose(q[:, :5], q64, atol=2e-6)
+    np.testing.assert_array_equal(q[:, 5], 0.0)
+    singular = w.copy()
+    singular[:, 1] = singular[:, 0]
+    q = np.asarray(projectors._orthonormalized(jnp.asarray(singular, jnp.float32), ok), np.float64)
+    assert np.all(np.isfinite(q))
+    np.testing.assert_allclose(q.T @ q, np.eye(6), atol=2e-6)
 
 
 # --------------------------------------------------------------------------------------

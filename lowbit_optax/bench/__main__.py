@@ -93,8 +93,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="NAME.KEY=V1,V2,...",
         help="run NAME as one variant per value of keyword KEY, side by side (with any "
-        "--set of NAME); a variant keeps NAME's registered event period for the amortized "
-        "timing",
+        "--set of NAME); a variant's event period for the amortized timing follows its "
+        "update_interval",
     )
     parser.add_argument(
         "--seeds",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -31,7 +31,7 @@ class OptimizerSpec:
     description: str
     baseline: bool = False
     takes_rules: bool = False
-    event_period: int | None = None
+    event_period: int | Callable[[Mapping[str, Any]], int] | None = None
     tasks: tuple[str, ...] | None = None
     lr_scale: float = 1.0
 
@@ -52,6 +52,7 @@ class OptimizerSpec:
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
+_OVERRIDES: dict[str, dict[str, Any]] = {}  # variant label -> its keyword overrides
 
 
 def register(
@@ -61,7 +62,7 @@ def register(
     *,
     baseline: bool = False,
     takes_rules: bool = False,
-    event_period: int | None = None,
+    event_period: int | Callable[[Mapping[str, Any]], int] | None = None,
     tasks: tuple[str, ...] | None = None,
     lr_scale: float = 1.0,
 ) -> None:
@@ -69,6 +70,8 @@ def register(
     accepts ``rules=`` (SlimAdam's per-leaf axes), which ``--calibrate`` supplies.
     ``event_period``: the optimizer does extra work every so many steps (a projector
     refresh); the benchmark then also times that many consecutive updates (amortized).
+    A callable gets a variant's keyword overrides (``{}`` for ``name`` itself) and
+    returns its period (one that ``--set update_interval=...`` changes).
     ``tasks``: the only tasks it runs on (a dense window over 25M parameters does not
     fit); ``lr_scale``: its learning rate is the task's times this (SGD-type updates
     want a much larger step than Adam's), noted in the description."""
@@ -102,7 +105,9 @@ def variant(name: str, overrides: dict[str, Any]) -> tuple[str, Factory]:
     if not overrides:
         return name, spec.factory()
     label = name + "[" + ",".join(f"{k}={v!r}" for k, v in overrides.items()) + "]"
-    return label.replace("'", ""), spec.factory(**overrides)
+    label = label.replace("'", "")
+    _OVERRIDES[label] = dict(overrides)
+    return label, spec.factory(**overrides)
 
 
 def runs_on(name: str, task: str) -> bool:
@@ -112,10 +117,13 @@ def runs_on(name: str, task: str) -> bool:
 
 
 def event_period(name: str) -> int | None:
-    """Steps between a registered optimizer's periodic extra work, if any (a variant
-    keeps its optimizer's registered period)."""
-    name = base_name(name)
-    return _REGISTRY[name].event_period if name in _REGISTRY else None
+    """Steps between a registered optimizer's periodic extra work, if any; that of a
+    variant (a label ``variant`` made) with its overrides."""
+    spec = _REGISTRY.get(base_name(name))
+    period = None if spec is None else spec.event_period
+    if callable(period):
+        return period(_OVERRIDES.get(name, {}))
+    return period
 
 
 def takes_rules(name: str) -> bool:
@@ -164,7 +172,7 @@ register(
     _alias(optax.contrib.galore, rank=64, update_proj_gap=200, weight_decay=WEIGHT_DECAY),
     "optax.contrib.galore (rank 64, SVD every 200 steps)",
     baseline=True,
-    event_period=200,
+    event_period=lambda kw: kw.get("update_proj_gap", 200),
 )
 
 # ---- quantized EMA state ---------------------------------------------------------------
@@ -230,28 +238,28 @@ register(
     "galore_adamw",
     _alias(lowbit_optax.galore_adamw, **_PROJ),
     "lowbit_optax.galore_adamw (rank 1/4 of min(m, n), SVD every 200 steps, scale 0.25)",
-    event_period=200,
+    event_period=lambda kw: kw.get("update_interval", 200),
 )
 register(
     "coap_adamw",
     _alias(lowbit_optax.coap_adamw, **_PROJ),
     "lowbit_optax.coap_adamw (rank 1/4, P step every 32, recalibration every 160, scale-aware, "
     "2 power iterations at t = 0)",
-    event_period=160,
+    event_period=lambda kw: kw.get("update_interval", 32) * kw.get("reproject_factor", 5),
 )
 register(
     "subtrack_adamw",
     _alias(lowbit_optax.subtrack_adamw, **_PROJ),
-    "lowbit_optax.subtrack_adamw (rank 1/4, SVD at step 0, geodesic step every 50, "
-    "moments rotated)",
-    event_period=200,
+    "lowbit_optax.subtrack_adamw (rank 1/4, SVD at step 0, whole geodesic at best angles "
+    "every 30, moments rotated)",
+    event_period=lambda kw: kw.get("update_interval", 30),
 )
 register(
     "coap_adamw_8bit",
     _alias(lowbit_optax.coap_adamw_8bit, **_PROJ),
     "lowbit_optax.coap_adamw_8bit (COAP with 8-bit inner Adam moments in blocks of 64, "
     "bfloat16 projectors)",
-    event_period=160,
+    event_period=lambda kw: kw.get("update_interval", 32) * kw.get("reproject_factor", 5),
 )
 
 

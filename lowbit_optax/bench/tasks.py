@@ -260,23 +260,25 @@ def time_amortized(
 ) -> None:
     """For optimizers with periodic extra work (``registry.event_period``: the length of
     the cycle their events repeat with): runs of ``window`` consecutive updates (the
-    longest period among them), for them and the reference, at least ``rounds`` runs
-    each, as many as make the runs of one optimizer (consecutive in its own state) cover
-    a whole number of every period (200 and 160: 4 runs of 200 = 800 updates), so each
-    event counts at exactly its rate. A run is taken in ``AMORTIZED_PIECES`` pieces that
-    the optimizers take turns at (each advances its own state by a piece, then the next
-    one does), so the machine's drifts over a run hit every optimizer alike.
-    ``update_amortized_ms`` is the mean time per update over all the runs (a median
-    would pick runs with fewer events where a period does not divide the window) and
-    ``update_amortized_ratio`` its ratio to the reference's."""
+    longest period among them), at least ``rounds`` runs each, as many as make one
+    optimizer's runs (consecutive in its own state) cover a whole number of its period
+    (160: 4 runs of 200 = 800 updates; 30: 3 runs = 600), so each event counts at
+    exactly its rate; the reference runs as many as the most. A run is taken in
+    ``AMORTIZED_PIECES`` pieces that the optimizers take turns at (each advances its
+    own state by a piece, then the next one does), so the machine's drifts over a run
+    hit every optimizer alike. ``update_amortized_ms`` is the mean time per update over
+    an optimizer's runs (a median would pick runs with fewer events where a period
+    does not divide the window) and ``update_amortized_ratio`` its ratio to the
+    reference's mean over the same rounds."""
     live = {t.name for t in alive(trials)} & set(loops)
     periods = {n: registry.event_period(n) for n in live}
     periods = {n: p for n, p in periods.items() if p}
     if not periods or registry.REFERENCE not in live:
         return
     window = max(periods.values())
-    rounds = whole_cycles(rounds, window, list(periods.values()))
-    bar.set_postfix_str(f"timing {rounds} x {window} consecutive updates")
+    counts = {n: whole_cycles(rounds, window, [p]) for n, p in periods.items()}
+    counts[registry.REFERENCE] = max(counts.values())
+    bar.set_postfix_str(f"timing {counts[registry.REFERENCE]} x {window} consecutive updates")
 
     def timed(loop: DonatedLoop) -> Callable[[int], float]:
         return lambda k: loop.run([(grads,)] * k)[0]
@@ -284,19 +286,23 @@ def time_amortized(
     samples, errors = interleaved_runs(
         {name: timed(loops[name]) for name in [registry.REFERENCE, *sorted(periods)]},
         split(window, AMORTIZED_PIECES),
-        rounds,
+        counts,
     )
     _fail(trials, errors)
     per_update = {name: [x * 1e3 / window for x in xs] for name, xs in samples.items()}
-    stats = medians_and_ratios(per_update, registry.REFERENCE, statistics.fmean)
+    ref_runs = per_update.get(registry.REFERENCE, [])
     for trial in trials:
-        if trial.name in periods and trial.name in stats:
-            ms, ratio = stats[trial.name]
-            trial.record["update_amortized_ms"] = ms
-            trial.record["update_amortized_ratio"] = ratio
-    if registry.REFERENCE in stats:
+        runs = per_update.get(trial.name)
+        if trial.name not in periods or not runs:
+            continue
+        ms = statistics.fmean(runs)
+        same = ref_runs[: len(runs)]  # the reference over the same rounds
+        ratio = ms / statistics.fmean(same) if len(same) == len(runs) else None
+        trial.record["update_amortized_ms"] = ms
+        trial.record["update_amortized_ratio"] = ratio
+    if ref_runs:
         ref = next(t for t in trials if t.name == registry.REFERENCE)
-        ref.record["update_amortized_ms"] = stats[registry.REFERENCE][0]
+        ref.record["update_amortized_ms"] = statistics.fmean(ref_runs)
         ref.record["update_amortized_ratio"] = 1.0
 
 

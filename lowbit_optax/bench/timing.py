@@ -115,7 +115,7 @@ def split(total: int, parts: int) -> list[int]:
 def interleaved_runs(
     runs: Mapping[str, Callable[[int], float]],
     sizes: Sequence[int],
-    rounds: int,
+    rounds: int | Mapping[str, int],
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Samples of ``sum(sizes)`` consecutive steps per name, taken in pieces that the
     names take turns at, so a slow drift of the machine during one sample hits every
@@ -125,24 +125,27 @@ def interleaved_runs(
       runs: name -> ``run(k)``, which advances that name by ``k`` steps and returns
         their time.
       sizes: the pieces of one sample, in order (e.g. ``split(200, 8)``).
-      rounds: samples per name.
+      rounds: samples per name: one count for all, or name -> count (a name whose
+        count is reached sits out the later rounds).
 
     Returns:
       ``(samples, errors)`` as ``round_robin``'s: each sample is the summed time of one
       round's pieces; a name whose run raises keeps the samples of the rounds it
       finished.
     """
+    count = dict.fromkeys(runs, rounds) if isinstance(rounds, int) else dict(rounds)
     samples: dict[str, list[float]] = {name: [] for name in runs}
     errors: dict[str, str] = {}
-    for _ in range(rounds):
-        total = dict.fromkeys(runs, 0.0)
+    for i in range(max(count.values(), default=0)):
+        due = {n: run for n, run in runs.items() if i < count[n]}
+        total = dict.fromkeys(due, 0.0)
         for size in sizes:
-            live = {n: functools.partial(run, size) for n, run in runs.items() if n not in errors}
+            live = {n: functools.partial(run, size) for n, run in due.items() if n not in errors}
             got, failed = round_robin(live, 1)
             errors.update(failed)
             for name, xs in got.items():
                 total[name] += sum(xs)
-        for name in runs:
+        for name in due:
             if name not in errors:
                 samples[name].append(total[name])
     return samples, errors
