@@ -341,9 +341,7 @@ class SubTrackProjector(Projector):
         d = self.directions
         if d is not None and (
             isinstance(d, bool)
-            or not (
-                (isinstance(d, int) and d >= 1) or (isinstance(d, float) and 0.0 < d <= 1.0)
-            )
+            or not ((isinstance(d, int) and d >= 1) or (isinstance(d, float) and 0.0 < d <= 1.0))
         ):
             raise ValueError(
                 f"directions must be None (all r), a positive int (1: the paper's rank-1 "
