@@ -14,6 +14,7 @@ from lowbit_optax.aliases import (
     sparse_mfac,
     subtrack_adamw,
 )
+from lowbit_optax.any_state import QuantizeStateState, quantize_state
 from lowbit_optax.error_feedback import (
     Compressor,
     ErrorFeedbackState,
@@ -102,6 +103,7 @@ __all__ = [
     "MemoryReport",
     "MomentAccess",
     "PathRules",
+    "QuantizeStateState",
     "QuantizedArray",
     "SNRCalibrationState",
     "SVDProjector",
@@ -130,6 +132,7 @@ __all__ = [
     "memory_report",
     "mfac",
     "quantize",
+    "quantize_state",
     "quantizer",
     "random_k",
     "removed_fraction",

@@ -1,0 +1,292 @@
+"""Low-bit state for any optax transformation: ``quantize_state(inner, bits=...)``.
+
+The wrapper keeps ``inner``'s state as ``inner.init`` made it, with every floating leaf
+that is laid out like a parameter (the same shape as the parameter whose path ends its
+own, at least ``min_size`` values) replaced by a block-wise quantized
+``QuantizedArray``. Around ``inner.update`` it decodes those leaves to float32 and
+encodes the new ones (nearest rounding). Counts, keys, hyperparameters and leaves of
+other shapes (Adafactor's factored rows and columns, Muon's coefficients) stay as they
+are.
+
+**Codec per leaf.** A leaf's field name says what it holds: first-moment-like fields
+(``mu``, ``m``, ``trace``, ``ema``, ...) can be negative and take a signed map;
+second-moment fields (``nu``, ``v``, ``exp_avg_sq``, ...) are non-negative by
+construction and take an unsigned one, which spends no code on signs. Values are
+clipped to float32's finite range before encoding, and so are the floating state leaves
+kept as they are, so an overflowing inner state (a float32 ``nu`` of a 1e30 gradient is
+``inf``) is stored finite. A field of another
+name is an error at ``init``, naming it; ``codec=`` a callable ``(path, leaf) -> Codec
+| None`` (``None``: keep float32) decides for every leaf instead.
+
+**Memory.** Decoding the whole state before ``inner.update`` would put back the float32
+state of the whole model as a transient. When ``inner``'s update is *leafwise* (each
+leaf's results read only that leaf's values and shared scalars: Adam, Lion, SGD with
+momentum, AdEMAMix, Adafactor, Muon's per-matrix step), the wrapper runs ``inner``'s
+own computation leaf by leaf (``lowbit_optax._leafwise``: the update's jaxpr split by
+data flow), each leaf decoded, updated and encoded before the next starts; a leaf whose
+computation is elementwise runs in row slices. Otherwise (a global norm, a global
+finiteness check inside ``inner``) it decodes the whole state and runs ``inner.update``
+on the whole tree. Either way the numbers are ``inner``'s own computation on the
+decoded state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.extend import core as jcore
+
+from lowbit_optax import _leafwise
+from lowbit_optax import quantization as qz
+from lowbit_optax._driver import Chain, map_rows
+
+# field names of non-negative (second-moment-like) and signed state leaves
+UNSIGNED_FIELDS = frozenset(
+    "nu v exp_avg_sq sum_of_squares nu_hat max_nu hessian h diag_hessian".split()
+)
+SIGNED_FIELDS = frozenset("mu m m1 m2 trace momentum ema exp_avg mu_hat z".split())
+_MAX = float(np.finfo(np.float32).max)
+
+CodecRule = Callable[[str, jax.Array], "qz.Codec | None"]
+
+
+class QuantizeStateState(NamedTuple):
+    """``inner_state``: ``inner``'s state, its chosen leaves as ``QuantizedArray``s."""
+
+    inner_state: Any
+
+
+def quantize_state(
+    inner: optax.GradientTransformation,
+    *,
+    bits: int = 8,
+    block_size: int = 128,
+    min_size: int = 4096,
+    codec: qz.Codec | CodecRule | None = None,
+    leafwise: bool | None = None,
+) -> optax.GradientTransformation:
+    """Stores ``inner``'s state block-wise quantized between steps.
+
+    Args:
+      inner: any ``optax.GradientTransformation``.
+      bits: code width of the default codecs (8, 4, 3 or 2): the dynamic map, signed
+        for first-moment fields; unsigned for second-moment fields (dynamic at 8 bits,
+        the zero-free linear map below, as ``scale_by_quantized_adam``).
+      block_size: values per block along the last axis (a multiple of 8).
+      min_size: leaves with fewer values stay float32.
+      codec: ``None``: the default codecs, chosen by each leaf's field name (an
+        unknown name is an error naming it); a ``Codec``: that one for every leaf
+        laid out like a parameter; a callable ``(path, leaf) -> Codec | None`` for
+        each such leaf (``None`` keeps it float32; ``path`` as ``jax.tree_util.keystr``).
+      leafwise: ``None`` runs ``inner`` leaf by leaf when its update is leafwise
+        (found from its jaxpr), else on the whole tree; ``False``: always the whole
+        tree; ``True``: leaf by leaf, an error at the first update if ``inner`` is not
+        leafwise.
+
+    Returns:
+      A ``GradientTransformation`` whose state is a ``QuantizeStateState``.
+
+    Memory per parameter of a quantized leaf: ``bits / 8 + 4 / block_size`` bytes
+    (the codes and a float32 scale per block) for each of ``inner``'s parameter-shaped
+    state fields.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = quantize_state(optax.lion(1e-4), bits=8)
+      >>> state = tx.init({"w": jnp.zeros((256, 256))})
+    """
+    if not isinstance(bits, int) or bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 8, 4, 3 or 2, got {bits!r}")
+    if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:
+        raise ValueError(f"min_size must be a non-negative int, got {min_size!r}")
+    if leafwise not in (None, True, False):
+        raise ValueError(f"leafwise must be None, True or False, got {leafwise!r}")
+    signed = qz.make_codec(bits, "dynamic", signed=True, block_size=block_size)
+    unsigned = qz.make_codec(
+        bits, "dynamic" if bits == 8 else "linear_zero_free", signed=False, block_size=block_size
+    )
+    if codec is not None and not (isinstance(codec, qz.Codec) or callable(codec)):
+        raise ValueError(f"codec must be None, a Codec or a callable, got {codec!r}")
+
+    def choose(path: str, field: str | None, leaf: jax.Array) -> qz.Codec | None:
+        if isinstance(codec, qz.Codec):
+            return codec
+        if callable(codec):
+            return codec(path, leaf)
+        if field in UNSIGNED_FIELDS:
+            return unsigned
+        if field in SIGNED_FIELDS:
+            return signed
+        raise ValueError(
+            f"quantize_state cannot tell whether the state leaf {path} (field {field!r}, "
+            f"shape {tuple(leaf.shape)}) can be negative. Known signed fields: "
+            f"{sorted(SIGNED_FIELDS)}; non-negative: {sorted(UNSIGNED_FIELDS)}. Pass "
+            "codec=lambda path, leaf: ... returning a Codec (lowbit_optax.make_codec(8, "
+            "'dynamic', signed=...)) or None (keep float32) for each leaf."
+        )
+
+    def init_fn(params: optax.Params) -> QuantizeStateState:
+        state = inner.init(params)
+        owners = _owners(state, params)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+        stored = []
+        for (path, leaf), (owner, field) in zip(leaves, owners, strict=True):
+            c = None
+            if (
+                owner is not None
+                and isinstance(leaf, jax.Array)
+                and jnp.issubdtype(leaf.dtype, jnp.floating)
+                and leaf.ndim >= 1
+                and leaf.size >= min_size
+            ):
+                c = choose(jax.tree_util.keystr(path), field, leaf)
+            stored.append(leaf if c is None else _encode(leaf, c, leaf.shape))
+        return QuantizeStateState(treedef.unflatten(stored))
+
+    def update_fn(updates, state, params=None):
+        stored, treedef = _flatten(state.inner_state)
+        fstate = treedef.unflatten([_float_view(x) for x in stored])
+        closed, _ = _leafwise.trace(inner.update, updates, fstate, params)
+        n_g, n_s = len(jax.tree.leaves(updates)), len(stored)
+        plan = None if leafwise is False else _split(closed, updates, fstate, params, n_g)
+        if isinstance(plan, str):
+            if leafwise:
+                raise ValueError(f"quantize_state(leafwise=True): {plan}")
+            plan = None
+        flat_in = jax.tree.leaves((updates, state.inner_state, params), is_leaf=_is_q)
+        if plan is not None:
+            outs = _run_leafwise(plan, flat_in, n_g, n_s)
+        else:  # the whole tree: decode all, inner.update, encode all
+            outs = jcore.jaxpr_as_fun(closed)(*(_decode(x) for x in flat_in))
+            outs = [
+                *outs[:n_g],
+                *(_stored_like(o, x) for o, x in zip(outs[n_g:], stored, strict=True)),
+            ]
+        new_updates = jax.tree.structure(updates).unflatten(outs[:n_g])
+        return new_updates, QuantizeStateState(treedef.unflatten(outs[n_g:]))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_q(x: Any) -> bool:
+    return isinstance(x, qz.QuantizedArray)
+
+
+def _flatten(tree: Any) -> tuple[list[Any], Any]:
+    return jax.tree.flatten(tree, is_leaf=_is_q)
+
+
+def _float_view(x: Any) -> Any:
+    return jax.ShapeDtypeStruct(x.shape, jnp.float32) if _is_q(x) else x
+
+
+def _decode(x: Any) -> Any:
+    return qz.dequantize(x) if _is_q(x) else x
+
+
+def _stored_like(x: jax.Array, like: Any) -> Any:
+    """``x`` stored as ``like`` is: encoded with its codec if quantized; a floating
+    array (rank >= 1) kept within float32's finite range."""
+    if _is_q(like):
+        return _encode(x, like.codec, like.shape)
+    if like is not None and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
+        big = float(jnp.finfo(x.dtype).max)
+        return jnp.clip(x, -big, big)
+    return x
+
+
+def _encode(x: jax.Array, codec: qz.Codec, shape: tuple[int, ...]) -> qz.QuantizedArray:
+    """``x`` (float32, possibly a row slice of a leaf of ``shape``) as a
+    ``QuantizedArray`` of ``shape``, nearest rounding, clipped to the finite range
+    (unsigned codecs: to ``[0, max]``)."""
+    x = x.astype(jnp.float32)
+    x = jnp.clip(x, 0.0 if not codec.signed else -_MAX, _MAX)
+    xb = qz.to_blocks(x, codec.block_size)
+    codes, scales, bases = qz.encode(xb, codec).stored(codec)
+    return qz.QuantizedArray(codes, scales, bases, codec=codec, shape=tuple(shape))
+
+
+def _owners(state: Any, params: Any) -> list[tuple[int | None, str | None]]:
+    """For each leaf of ``state`` (flatten order): the index of the parameter leaf whose
+    path ends its own with the same shape (the longest such path), or ``None``; and
+    its field name (the key just before the parameter's path)."""
+    p_leaves = jax.tree_util.tree_leaves_with_path(params)
+    by_path = {tuple(path): (i, leaf.shape) for i, (path, leaf) in enumerate(p_leaves)}
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        found = (None, None)
+        for n in lengths:
+            if n > len(path):
+                continue
+            hit = by_path.get(tuple(path[len(path) - n :]))
+            if hit is not None and tuple(getattr(leaf, "shape", ())) == tuple(hit[1]):
+                field = path[len(path) - n - 1] if len(path) > n else None
+                found = (hit[0], _key_name(field))
+                break
+        out.append(found)
+    return out
+
+
+def _key_name(key: Any) -> str | None:
+    for attr in ("name", "key", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return None
+
+
+def _split(closed, updates, fstate, params, n_g) -> _leafwise.Split | str:
+    """The leafwise split of the traced update: gradient leaf ``i`` and param leaf ``i``
+    belong to leaf ``i``, a state leaf to the parameter its path ends with."""
+    owners = [o for o, _ in _owners(fstate, updates)]
+    n_p = len(jax.tree.leaves(params))
+    in_owner = [*range(n_g), *owners, *range(n_p)]
+    shapes = [tuple(g.shape) for g in jax.tree.leaves(updates)]
+    return _leafwise.split(closed, in_owner, shapes)
+
+
+def _run_leafwise(plan: _leafwise.Split, flat_in: list[Any], n_g: int, n_s: int) -> list[Any]:
+    """Evaluates the split update leaf after leaf (one ``Chain``), decoding each leaf's
+    quantized state inputs before its equations and encoding its state outputs after;
+    an elementwise leaf in row slices."""
+    chain = Chain()
+    jaxpr = plan.closed.jaxpr
+    state_in = {n_g + j: flat_in[n_g + j] for j in range(n_s)}
+
+    def per_leaf(i, values, fn):
+        ins, outs = plan.leaf_inputs(i), plan.leaf_outputs(i)
+        like = [state_in.get(k) for k in outs]  # a state output is stored as its input
+
+        def math(vals, shape=None):
+            new = fn([_decode(v) for v in vals], shape)
+            return [_stored_like(o, x) for o, x in zip(new, like, strict=True)]
+
+        states = [k for k in ins if n_g <= k < n_g + n_s]
+        sliceable = (
+            plan.elementwise[i]
+            and len(plan.shapes[i]) >= 2
+            and ins[:1] == [i]
+            and outs == [i, *states]
+            and all(tuple(jaxpr.invars[k].aval.shape) == plan.shapes[i] for k in ins)
+        )
+        if not sliceable:
+            return chain(lambda first, *rest: math([first, *rest]), values[0], *values[1:])
+        n_c = 1 + len(states)  # carried: the gradient and the state; read only: the rest
+
+        def sliced(first, *rest):
+            carried, readonly = [first, *rest[: n_c - 1]], list(rest[n_c - 1 :])
+            return map_rows(
+                lambda c, r, _: math([*c, *r], c[0].shape),
+                carried,
+                readonly,
+                shape=plan.shapes[i],
+            )
+
+        return chain(sliced, values[0], *values[1:])
+
+    return plan.run(flat_in, per_leaf)
