@@ -254,13 +254,12 @@ def map_rows(
         if materialize:
             done = sum(token_of(n) for n in new_leaves)
             new_leaves = [gate(n, done) for n in new_leaves]
-        elif len(new_leaves) > 1:
-            done = sum(token_of(n) for n in new_leaves[1:])
-            new_leaves = [gate(new_leaves[0], done), *new_leaves[1:]]
-        return [
-            jax.lax.dynamic_update_index_in_dim(x, n.astype(x.dtype), i, axis=1)
-            for x, n in zip(views, new_leaves, strict=True)
-        ]
+        write = lambda x, n: jax.lax.dynamic_update_index_in_dim(x, n.astype(x.dtype), i, axis=1)
+        if materialize or len(new_leaves) == 1:
+            return [write(x, n) for x, n in zip(views, new_leaves, strict=True)]
+        rest = [write(x, n) for x, n in zip(views[1:], new_leaves[1:], strict=True)]
+        done = sum(token_of(w) for w in rest)
+        return [write(views[0], gate(new_leaves[0], done)), *rest]
 
     out = jax.lax.fori_loop(0, k, body, [view(x) for x in leaves])
     return treedef.unflatten([x.reshape(y.shape) for x, y in zip(out, leaves, strict=True)])

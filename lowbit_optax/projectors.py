@@ -359,10 +359,19 @@ class SubTrackProjector(Projector):
         del mk, interval, key
         r = s.shape[1]
         k = self.turned(r)
-        first = lambda: top_subspace_projected(gk, r)
-        return jax.lax.cond(
-            count == 0, first, lambda: geodesic_step_projected(s, gk, a, self.step_size, k)
-        )
+
+        # The two branches take Gk as two operands: the SVD reads Gk^T, which LAPACK
+        # (column-major) reads as the row-major Gk lies, and the geodesic's products read
+        # Gk. With one shared operand, layout assignment gives it the SVD's layout and the
+        # geodesic branch copies the K x M gradient at every event.
+        def first(gt, g):
+            v, sv, ut = jnp.linalg.svd(gt, full_matrices=False)  # Gk^T = V Sigma U^T
+            return ut[:r].T, sv[:r, None] * v[:, :r].T
+
+        def geodesic(gt, g):
+            return geodesic_step_projected(s, g, a, self.step_size, k)
+
+        return jax.lax.cond(count == 0, first, geodesic, gk.T, gk)
 
 
 NAMED = {
