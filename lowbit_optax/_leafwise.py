@@ -85,15 +85,16 @@ class Split:
                 label[v] = o
         return label
 
-    def run(
-        self, inputs: Sequence[Any], per_leaf: Callable[[int, list[Any], Callable], list[Any]]
-    ) -> list[Any]:
+    def run(self, inputs: Sequence[Any], per_leaf: Callable[..., list[Any]]) -> list[Any]:
         """The jaxpr's outputs for flat ``inputs``. The shared equations run first; then
-        for each leaf ``i``, ``per_leaf(i, values, fn)`` gets the values of the leaf's
-        inputs (``leaf_inputs(i)`` order) and ``fn(values, shape=None)``, which
-        evaluates the leaf's equations on them (``shape``: of a row slice, for an
-        elementwise leaf) and returns the leaf's outputs (``leaf_outputs(i)`` order);
-        ``per_leaf`` returns those outputs (e.g. after encoding them)."""
+        for each leaf ``i``, ``per_leaf(i, values, fn, free)`` gets the values of the
+        leaf's inputs (``leaf_inputs(i)`` order), the shared values its equations read
+        (``free``: results of shared equations, constants, unowned inputs) and
+        ``fn(values, shape=None, free=None)``, which evaluates the leaf's equations on
+        them (``shape``: of a row slice, for an elementwise leaf; ``free``: the shared
+        values to use, e.g. passed through ``jax.sharding.auto_axes``) and returns the
+        leaf's outputs (``leaf_outputs(i)`` order); ``per_leaf`` returns those outputs
+        (e.g. after encoding them)."""
         jaxpr = self.closed.jaxpr
         env: dict[Any, Any] = dict(zip(jaxpr.constvars, self.closed.consts, strict=True))
         env.update(zip(jaxpr.invars, inputs, strict=True))
@@ -104,14 +105,25 @@ class Split:
             ins = self.leaf_inputs(i)
             outs = [k for k, o in enumerate(out_owner) if o == i]
             eqns = [e for e, o in zip(jaxpr.eqns, self.owner, strict=True) if o == i]
+            defined = {jaxpr.invars[k] for k in ins} | {v for e in eqns for v in e.outvars}
+            free_vars = list(
+                dict.fromkeys(
+                    v
+                    for e in eqns
+                    for v in e.invars
+                    if isinstance(v, jcore.Var) and v not in defined
+                )
+            )
 
-            def fn(values, shape=None, ins=ins, outs=outs, eqns=eqns, i=i):
+            def fn(values, shape=None, free=None, ins=ins, outs=outs, eqns=eqns, i=i, fv=free_vars):
                 local = dict(env)
+                if free is not None:
+                    local.update(zip(fv, free, strict=True))
                 local.update(zip((jaxpr.invars[k] for k in ins), values, strict=True))
                 _eval_eqns(eqns, local, None if shape is None else (self.shapes[i], shape))
                 return [local[jaxpr.outvars[k]] for k in outs]
 
-            got = per_leaf(i, [env[jaxpr.invars[k]] for k in ins], fn)
+            got = per_leaf(i, [env[jaxpr.invars[k]] for k in ins], fn, [env[v] for v in free_vars])
             for k, value in zip(outs, got, strict=True):
                 env[jaxpr.outvars[k]] = value
         return [_read(env, v) for v in jaxpr.outvars]
@@ -178,8 +190,15 @@ def _eval_eqns(eqns: Sequence[Any], env: dict[Any, Any], sliced=None) -> None:
             _eval_eqns(body.jaxpr.eqns, inner, sliced)
             outs = [_read(inner, v) for v in body.jaxpr.outvars]
         else:
-            with eqn.ctx.manager:  # as jax.core.eval_jaxpr binds an equation
-                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            params = eqn.primitive.get_bind_params(eqn.params)
+            here = jax.sharding.get_abstract_mesh()
+            if not here.empty and here != eqn.ctx.cur_abstract_mesh:
+                # the caller runs the leaf under another mesh context (Explicit axes
+                # made Auto, ``Chain.run``): bind in it
+                outs = eqn.primitive.bind(*invals, **params)
+            else:
+                with eqn.ctx.manager:  # as jax.core.eval_jaxpr binds an equation
+                    outs = eqn.primitive.bind(*invals, **params)
             if not eqn.primitive.multiple_results:
                 outs = [outs]
         for v, value in zip(eqn.outvars, outs, strict=True):

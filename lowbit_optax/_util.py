@@ -9,7 +9,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 
 def path_str(keypath: tuple[Any, ...]) -> str:
@@ -47,8 +46,8 @@ def on_auto_axes(fn, extra, *arrays):
     mesh = mesh_of(arrays)
     if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
         return fn(extra, *arrays)
-    spec = lambda a: a if isinstance(a, optax.MaskedNode) else jax.typeof(a).sharding.spec
-    out_sharding = tuple(spec(a) for a in arrays)
+    spec = lambda a: jax.typeof(a).sharding.spec
+    out_sharding = tuple(jax.tree.map(spec, a) for a in arrays)  # pytrees (quantized) too
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(extra, *arrays)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from lowbit_optax._util import forwarding_signature, static_arg
+from lowbit_optax.any_state import quantize_state
 from lowbit_optax.error_feedback import top_k
 from lowbit_optax.moments import scale_by_adam_like
 from lowbit_optax.preconditioners import scale_by_ggt, scale_by_mfac
@@ -34,11 +35,15 @@ __all__ = [
     "SOLO_B1",
     "adamw_4bit",
     "adamw_8bit",
+    "ademamix_8bit",
     "coap_adamw",
     "coap_adamw_8bit",
     "galore_adamw",
     "ggt",
+    "lion_8bit",
     "mfac",
+    "muon_8bit",
+    "sgd_momentum_8bit",
     "slim_adamw",
     "solo_adamw",
     "sparse_ggt",
@@ -705,4 +710,175 @@ def sparse_ggt(
         scale_by_ggt(num_grads, eps, compressor=top_k(static_arg("density", density, 0.01))),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+# ---- any optimizer's state in 8 bits (lowbit_optax.any_state) -----------------------
+
+
+def lion_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-3,
+    mask: optax.MaskOrFn = None,
+    *,
+    block_size: int | None = None,
+    min_size: int | None = None,
+) -> optax.GradientTransformation:
+    """``optax.lion`` with its momentum ``mu`` in 8 bits (signed dynamic map, blocks of
+    ``block_size`` with a float32 scale): ``1 + 4 / block_size`` bytes per parameter on
+    quantized leaves (``optax.lion``: 4). Leaf by leaf, in row slices.
+
+    Args:
+      learning_rate, b1, b2, weight_decay, mask: as ``optax.lion``.
+      block_size: values per block along the last axis (multiple of 8; default 128).
+      min_size: smaller leaves keep a float32 ``mu`` (default 4096).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = lion_8bit(1e-4)
+      >>> state = tx.init({"w": jnp.ones((256, 256))})
+
+    References:
+      Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023;
+      Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.
+    """
+    return quantize_state(
+        optax.lion(learning_rate, b1, b2, weight_decay=weight_decay, mask=mask),
+        **_storage(block_size, min_size),
+    )
+
+
+def sgd_momentum_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    *,
+    block_size: int | None = None,
+    min_size: int | None = None,
+) -> optax.GradientTransformation:
+    """``optax.sgd`` with heavy-ball (or Nesterov) momentum, its ``trace`` in 8 bits
+    (signed dynamic map): ``1 + 4 / block_size`` bytes per parameter on quantized
+    leaves (float32: 4). Leaf by leaf, in row slices.
+
+    Args:
+      learning_rate, momentum, nesterov: as ``optax.sgd`` (``momentum`` is required
+        to be a number here: without it there is no state to quantize).
+      block_size: values per block along the last axis (multiple of 8; default 128).
+      min_size: smaller leaves keep a float32 ``trace`` (default 4096).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = sgd_momentum_8bit(1e-2, momentum=0.9, nesterov=True)
+      >>> state = tx.init({"w": jnp.ones((256, 256))})
+
+    References:
+      Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.
+    """
+    return quantize_state(
+        optax.sgd(learning_rate, momentum, nesterov), **_storage(block_size, min_size)
+    )
+
+
+def muon_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    ns_coeffs: Any = (3.4445, -4.775, 2.0315),
+    ns_steps: int = 5,
+    beta: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: optax.MaskOrFn = None,
+    *,
+    block_size: int | None = None,
+    min_size: int | None = None,
+    **muon_kwargs: Any,
+) -> optax.GradientTransformation:
+    """``optax.contrib.muon`` with 8-bit state: the momentum of the matrices Muon
+    orthogonalizes (signed dynamic map: ``1 + 4 / block_size`` bytes per parameter),
+    and the Adam moments of the other leaves (signed ``mu``, unsigned ``nu``, as
+    ``adamw_8bit``; leaves under ``min_size`` stay float32). Leaf by leaf: each
+    matrix's Newton-Schulz step decodes that matrix's momentum only.
+
+    Args:
+      learning_rate, ns_coeffs, ns_steps, beta, eps, weight_decay, weight_decay_mask: as
+        ``optax.contrib.muon``.
+      block_size: values per block along the last axis (multiple of 8; default 128).
+      min_size: smaller leaves keep float32 state (default 4096).
+      **muon_kwargs: ``optax.contrib.muon``'s keyword-only arguments (``nesterov``,
+        ``adam_b1``, ``adam_learning_rate``, ``muon_weight_dimension_numbers``, ...).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = muon_8bit(0.02, nesterov=True)
+      >>> state = tx.init({"w": jnp.ones((256, 256)), "b": jnp.zeros(256)})
+
+    References:
+      Jordan et al., Muon: An optimizer for hidden layers in neural networks (2024);
+      8-bit Muon: arXiv 2509.23106.
+    """
+    return quantize_state(
+        optax.contrib.muon(
+            learning_rate,
+            ns_coeffs,
+            ns_steps,
+            beta,
+            eps,
+            weight_decay,
+            weight_decay_mask,
+            **muon_kwargs,
+        ),
+        **_storage(block_size, min_size),
+    )
+
+
+muon_8bit.__signature__ = forwarding_signature(muon_8bit, optax.contrib.muon)
+
+
+def ademamix_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    alpha: float = 5.0,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: optax.MaskOrFn = None,
+    *,
+    block_size: int | None = None,
+    min_size: int | None = None,
+) -> optax.GradientTransformation:
+    """``optax.contrib.ademamix`` with its three moments in 8 bits: the fast and slow
+    EMAs ``m1``, ``m2`` (signed dynamic map) and ``nu`` (unsigned):
+    ``3 + 12 / block_size`` bytes per parameter on quantized leaves (float32: 12).
+    Leaf by leaf, in row slices.
+
+    Args:
+      learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask: as
+        ``optax.contrib.ademamix``.
+      block_size: values per block along the last axis (multiple of 8; default 128).
+      min_size: smaller leaves keep float32 moments (default 4096).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = ademamix_8bit(1e-3)
+      >>> state = tx.init({"w": jnp.ones((256, 256))})
+
+    References:
+      Pagliardini et al., The AdEMAMix Optimizer: Better, Faster, Older, ICLR 2025.
+    """
+    return quantize_state(
+        optax.contrib.ademamix(
+            learning_rate, b1, b2, b3, alpha, eps, weight_decay=weight_decay, mask=mask
+        ),
+        **_storage(block_size, min_size),
+    )
+
+
+def _storage(block_size: int | None, min_size: int | None) -> dict[str, int]:
+    """``quantize_state``'s 8-bit storage arguments of a recipe."""
+    return dict(
+        bits=8,
+        block_size=static_arg("block_size", block_size, 128),
+        min_size=static_arg("min_size", min_size, 4096),
     )

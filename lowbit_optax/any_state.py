@@ -32,6 +32,7 @@ decoded state.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,6 +45,7 @@ from jax.extend import core as jcore
 from lowbit_optax import _leafwise
 from lowbit_optax import quantization as qz
 from lowbit_optax._driver import Chain, map_rows
+from lowbit_optax._util import _is_nnx_variable, fit_spec, mesh_of, unflatten_like
 
 # field names of non-negative (second-moment-like) and signed state leaves
 UNSIGNED_FIELDS = frozenset(
@@ -132,10 +134,15 @@ def quantize_state(
 
     def init_fn(params: optax.Params) -> QuantizeStateState:
         state = inner.init(params)
-        owners = _owners(state, params)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+        # Flax NNX Variable nodes (nnx.Optimizer passes them): each state leaf is read
+        # out of its node; a quantized one's codes and scales get a node each, with the
+        # param's sharding metadata adapted to their shapes (``unflatten_like``)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_nnx_variable)
+        paths, nodes = [p for p, _ in flat], [n for _, n in flat]
+        plain = [n.get_value() if _is_nnx_variable(n) else n for n in nodes]
+        owners = _owners(state, params, is_leaf=_is_nnx_variable)
         stored = []
-        for (path, leaf), (owner, field) in zip(leaves, owners, strict=True):
+        for node, leaf, path, (owner, field) in zip(nodes, plain, paths, owners, strict=True):
             c = None
             if (
                 owner is not None
@@ -145,13 +152,27 @@ def quantize_state(
                 and leaf.size >= min_size
             ):
                 c = choose(jax.tree_util.keystr(path), field, leaf)
-            stored.append(leaf if c is None else _encode(leaf, c, leaf.shape))
+            if c is None:
+                stored.append(node)
+                continue
+            q = _encode_laid_out(leaf, c)
+            if _is_nnx_variable(node):
+                like = lambda a, node=node: None if a is None else unflatten_like([node], [a])[0]
+                q = dataclasses.replace(
+                    q, codes=like(q.codes), scales=like(q.scales), bases=like(q.bases)
+                )
+            stored.append(q)
         return QuantizeStateState(treedef.unflatten(stored))
 
-    def update_fn(updates, state, params=None):
+    inner_tx = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
         stored, treedef = _flatten(state.inner_state)
         fstate = treedef.unflatten([_float_view(x) for x in stored])
-        closed, _ = _leafwise.trace(inner.update, updates, fstate, params)
+        # extra arguments (optax's ``value=``, ``grad=``, ...) reach ``inner`` as shared
+        # values (constants of the traced update)
+        inner_update = lambda u, s, p: inner_tx.update(u, s, p, **extra_args)
+        closed, _ = _leafwise.trace(inner_update, updates, fstate, params)
         n_g, n_s = len(jax.tree.leaves(updates)), len(stored)
         plan = None if leafwise is False else _split(closed, updates, fstate, params, n_g)
         if isinstance(plan, str):
@@ -170,7 +191,7 @@ def quantize_state(
         new_updates = jax.tree.structure(updates).unflatten(outs[:n_g])
         return new_updates, QuantizeStateState(treedef.unflatten(outs[n_g:]))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _is_q(x: Any) -> bool:
@@ -182,7 +203,7 @@ def _flatten(tree: Any) -> tuple[list[Any], Any]:
 
 
 def _float_view(x: Any) -> Any:
-    return jax.ShapeDtypeStruct(x.shape, jnp.float32) if _is_q(x) else x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype) if _is_q(x) else x
 
 
 def _decode(x: Any) -> Any:
@@ -193,44 +214,69 @@ def _stored_like(x: jax.Array, like: Any) -> Any:
     """``x`` stored as ``like`` is: encoded with its codec if quantized; a floating
     array (rank >= 1) kept within float32's finite range."""
     if _is_q(like):
-        return _encode(x, like.codec, like.shape)
+        return _encode(x, like.codec, like.shape, like.dtype)
     if like is not None and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
         big = float(jnp.finfo(x.dtype).max)
         return jnp.clip(x, -big, big)
     return x
 
 
-def _encode(x: jax.Array, codec: qz.Codec, shape: tuple[int, ...]) -> qz.QuantizedArray:
-    """``x`` (float32, possibly a row slice of a leaf of ``shape``) as a
-    ``QuantizedArray`` of ``shape``, nearest rounding, clipped to the finite range
-    (unsigned codecs: to ``[0, max]``)."""
-    x = x.astype(jnp.float32)
-    x = jnp.clip(x, 0.0 if not codec.signed else -_MAX, _MAX)
+def _encode(
+    x: jax.Array, codec: qz.Codec, shape: tuple[int, ...], dtype: Any = None
+) -> qz.QuantizedArray:
+    """``x`` (possibly a row slice of a leaf of ``shape``) as a ``QuantizedArray`` of
+    ``shape`` that decodes to ``dtype`` (default: ``x``'s), nearest rounding, clipped to
+    that dtype's finite range (unsigned codecs: to ``[0, max]``)."""
+    dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
+    big = min(_MAX, float(jnp.finfo(dtype).max))  # finite once decoded to ``dtype`` too
+    x = jnp.clip(x.astype(jnp.float32), 0.0 if not codec.signed else -big, big)
     xb = qz.to_blocks(x, codec.block_size)
     codes, scales, bases = qz.encode(xb, codec).stored(codec)
-    return qz.QuantizedArray(codes, scales, bases, codec=codec, shape=tuple(shape))
+    return qz.QuantizedArray(codes, scales, bases, codec=codec, shape=tuple(shape), dtype=dtype)
 
 
-def _owners(state: Any, params: Any) -> list[tuple[int | None, str | None]]:
-    """For each leaf of ``state`` (flatten order): the index of the parameter leaf whose
-    path ends its own with the same shape (the longest such path), or ``None``; and
-    its field name (the key just before the parameter's path)."""
-    p_leaves = jax.tree_util.tree_leaves_with_path(params)
-    by_path = {tuple(path): (i, leaf.shape) for i, (path, leaf) in enumerate(p_leaves)}
+def _encode_laid_out(x: jax.Array, codec: qz.Codec) -> qz.QuantizedArray:
+    """``_encode(x)`` of a whole leaf; on a mesh with Explicit axes with those made Auto
+    (a block may span shards of a split last axis) and the codes, scales and bases laid
+    out as ``state_shardings`` lays them (``fit_spec``: the leaf's axes where they fit)."""
+    mesh = mesh_of(x)
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return _encode(x, codec, x.shape)
+    spec = jax.typeof(x).sharding.spec
+    sizes = dict(mesh.shape)
+    out = jax.tree.map(
+        lambda a: fit_spec(a.shape, x.shape, spec, sizes), codec.abstract(tuple(x.shape))
+    )
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(lambda y: _encode(y, codec, y.shape), out_sharding=out)(x)
+
+
+def _owners(state: Any, params: Any, is_leaf=None) -> list[tuple[int | None, str | None]]:
+    """For each leaf of ``state`` (flatten order, ``is_leaf`` as ``jax.tree.flatten``'s):
+    the index of the parameter leaf whose path ends its own with the same shape (the
+    longest such path), or ``None``; and its field name (the key just before the
+    parameter's path)."""
+    p_leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=is_leaf)
+    by_path = {tuple(path): (i, _shape(leaf)) for i, (path, leaf) in enumerate(p_leaves)}
     lengths = sorted({len(p) for p in by_path}, reverse=True)
     out = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state, is_leaf=is_leaf):
         found = (None, None)
         for n in lengths:
             if n > len(path):
                 continue
             hit = by_path.get(tuple(path[len(path) - n :]))
-            if hit is not None and tuple(getattr(leaf, "shape", ())) == tuple(hit[1]):
+            if hit is not None and _shape(leaf) == hit[1]:
                 field = path[len(path) - n - 1] if len(path) > n else None
                 found = (hit[0], _key_name(field))
                 break
         out.append(found)
     return out
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    x = x.get_value() if _is_nnx_variable(x) else x
+    return tuple(getattr(x, "shape", ()))
 
 
 def _key_name(key: Any) -> str | None:
@@ -258,35 +304,49 @@ def _run_leafwise(plan: _leafwise.Split, flat_in: list[Any], n_g: int, n_s: int)
     jaxpr = plan.closed.jaxpr
     state_in = {n_g + j: flat_in[n_g + j] for j in range(n_s)}
 
-    def per_leaf(i, values, fn):
+    def per_leaf(i, values, fn, free):
         ins, outs = plan.leaf_inputs(i), plan.leaf_outputs(i)
         like = [state_in.get(k) for k in outs]  # a state output is stored as its input
-
-        def math(vals, shape=None):
-            new = fn([_decode(v) for v in vals], shape)
-            return [_stored_like(o, x) for o, x in zip(new, like, strict=True)]
-
         states = [k for k in ins if n_g <= k < n_g + n_s]
+        n_c = 1 + len(states)  # the gradient and the state; then the rest (params)
+        paired = ins[:1] == [i] and outs == [i, *states]  # outputs like (gradient, *state)
         sliceable = (
-            plan.elementwise[i]
+            paired
+            and plan.elementwise[i]
             and len(plan.shapes[i]) >= 2
-            and ins[:1] == [i]
-            and outs == [i, *states]
             and all(tuple(jaxpr.invars[k].aval.shape) == plan.shapes[i] for k in ins)
         )
-        if not sliceable:
-            return chain(lambda first, *rest: math([first, *rest]), values[0], *values[1:])
-        n_c = 1 + len(states)  # carried: the gradient and the state; read only: the rest
 
-        def sliced(first, *rest):
+        def run(body):
+            """``body(shared, first, *rest)`` in the chain; with outputs paired to the
+            inputs, through ``Chain.run`` (on a mesh with Explicit axes, made Auto: a
+            block may span shards of a split last axis; the shared values go in with
+            the rest)."""
+            if not paired:
+                return chain(lambda *a: tuple(body(free, *a)), values[0], *values[1:])
+            extra = (free, values[n_c:])
+            step = lambda extra, first, *st: tuple(body(extra[0], first, *st, *extra[1]))
+            return chain.run(step, extra, values[0], *values[1:n_c])
+
+        def math(shared, vals, shape=None):
+            new = fn([_decode(v) for v in vals], shape, shared)
+            return [_stored_like(o, x) for o, x in zip(new, like, strict=True)]
+
+        if not sliceable:
+            # the stored state gated too: its decoding would otherwise float up to the
+            # start of the update, every leaf's float32 state alive at once
+            gated = lambda x: chain.gate(x) if _is_q(x) else x
+            return run(lambda shared, first, *rest: math(shared, [first, *map(gated, rest)]))
+
+        def sliced(shared, first, *rest):
             carried, readonly = [first, *rest[: n_c - 1]], list(rest[n_c - 1 :])
             return map_rows(
-                lambda c, r, _: math([*c, *r], c[0].shape),
+                lambda c, r, _: math(shared, [*c, *r], c[0].shape),
                 carried,
                 readonly,
                 shape=plan.shapes[i],
             )
 
-        return chain(sliced, values[0], *values[1:])
+        return run(sliced)
 
     return plan.run(flat_in, per_leaf)

@@ -267,14 +267,15 @@ class Codec:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["codes", "scales", "bases"],
-    meta_fields=["codec", "shape"],
+    meta_fields=["codec", "shape", "dtype"],
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
     """A block-wise quantized array: packed codes, per-block scales (and log bases).
 
     A pytree whose leaves are ``codes`` (uint8, packed), ``scales`` and, for the log
-    codec, ``bases``; ``codec`` and the original ``shape`` are static.
+    codec, ``bases``; ``codec``, the original ``shape`` and the dtype ``dequantize``
+    returns (a name, ``float32`` unless set) are static.
     """
 
     codes: jax.Array
@@ -282,6 +283,7 @@ class QuantizedArray:
     bases: jax.Array | None
     codec: Codec
     shape: tuple[int, ...]
+    dtype: str = "float32"
 
 
 def to_blocks(x: jax.Array, block: int) -> jax.Array:
@@ -420,8 +422,9 @@ def quantize(x: jax.Array, codec: Codec, key: jax.Array | None = None) -> Quanti
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
-    """Float32 array of ``q.shape`` from a ``QuantizedArray``."""
-    return from_blocks(decode(q.codes, q.scales, q.bases, q.codec), q.shape[-1])
+    """The array of ``q.shape`` (in ``q.dtype``) from a ``QuantizedArray``."""
+    x = from_blocks(decode(q.codes, q.scales, q.bases, q.codec), q.shape[-1])
+    return x if q.dtype == "float32" else x.astype(q.dtype)
 
 
 def make_codec(

@@ -37,6 +37,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lowbit_optax._util import fit_spec
+from lowbit_optax.quantization import QuantizedArray
 
 __all__ = ["fit_spec", "sharded_init", "state_shardings"]
 
@@ -84,6 +85,8 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     def leaf_sharding(leaf: Any, param: Any) -> Any:
         if isinstance(leaf, optax.MaskedNode):
             return leaf
+        if isinstance(leaf, QuantizedArray):  # its codes, scales and bases, each by shape
+            return jax.tree.map(lambda x: leaf_sharding(x, param), leaf)
         s = _sharding_of(param)
         if s is None:
             return replicated
@@ -94,8 +97,8 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
         leaf_sharding,
         jax.eval_shape(tx.init, params),
         params,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+        transform_non_params=lambda x: jax.tree.map(lambda _: replicated, x),
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode | QuantizedArray),
     )
 
 

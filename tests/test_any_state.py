@@ -254,3 +254,96 @@ def test_leafwise_update_peak_is_below_the_whole_tree_and_float32():
     )
     assert q < f32 - 2.0 * n, (q / n, f32 / n)
     assert q < whole - 2.0 * n, (q / n, whole / n)
+
+
+def _blocks_err(x, ref, codec, rows, block=128):
+    """Whether ``x`` is within nearest rounding of ``ref`` in every block of ``block``
+    values (error <= half the largest level gap times the block's absolute maximum)."""
+    x, ref = np.asarray(x, np.float64).reshape(rows, -1, block), ref.reshape(rows, -1, block)
+    scale = np.abs(ref).max(-1, keepdims=True)
+    return np.all(np.abs(x - ref) <= _gap(codec) * scale * 1.001 + 1e-12)
+
+
+def test_ademamix_8bit_matches_float64_on_the_decoded_state():
+    """Step 2 of ``ademamix_8bit`` from its decoded 8-bit state of step 1, in float64
+    (the AdEMAMix update: bias-corrected fast EMA plus ``alpha`` times the slow EMA,
+    over the bias-corrected root second moment); the new moments are stored within
+    rounding of the float64 ones."""
+    lr, b1, b2, b3, alpha, eps = 1e-3, 0.9, 0.999, 0.9999, 5.0, 1e-8
+    tx = lowbit_optax.ademamix_8bit(lr, b1, b2, b3, alpha, eps, min_size=1000)
+    state = tx.init(PARAMS)
+    _, state = tx.update(_grads(20), state, PARAMS)
+    dec = {
+        f: np.asarray(qz.dequantize(_leaf(state, f, "w")), np.float64) for f in ("m1", "m2", "nu")
+    }
+    g = np.asarray(_grads(21)["w"], np.float64)
+    updates, state = tx.update(_grads(21), state, PARAMS)
+    m1 = b1 * dec["m1"] + (1 - b1) * g
+    m2 = b3 * dec["m2"] + (1 - b3) * g
+    nu = b2 * dec["nu"] + (1 - b2) * g**2
+    t = 2
+    ref = -lr * (m1 / (1 - b1**t) + alpha * m2) / (np.sqrt(nu / (1 - b2**t)) + eps)
+    np.testing.assert_allclose(np.asarray(updates["w"]), ref, rtol=2e-5, atol=1e-9)
+    for f, want in (("m1", m1), ("m2", m2), ("nu", nu)):
+        q = _leaf(state, f, "w")
+        assert q.codec.signed == (f != "nu"), f
+        assert _blocks_err(qz.dequantize(q), want, q.codec, 64), f
+
+
+def test_muon_8bit_momentum_in_float64_and_update_from_the_decoded_state():
+    """``muon_8bit``: the stored momentum of a matrix follows ``mu = beta mu + (1 - beta)
+    g`` in float64 from the decoded one, within rounding; the update is
+    ``optax.contrib.muon``'s own on the decoded state (Newton-Schulz included); the
+    vector leaf's Adam moments stay float32 below ``min_size`` and its update is Adam's."""
+    lr, beta = 0.02, 0.95
+    tx = lowbit_optax.muon_8bit(lr, beta, min_size=1000)
+    ref_tx = optax.contrib.muon(lr, beta=beta)
+    state = tx.init(PARAMS)
+    _, state = tx.update(_grads(30), state, PARAMS)
+    mu1 = qz.dequantize(_leaf(state, "mu", "w"))
+    # the float32 muon from the same (decoded) state
+    ref_state = jax.tree.map(
+        lambda x: qz.dequantize(x) if isinstance(x, qz.QuantizedArray) else x,
+        state.inner_state,
+        is_leaf=lambda x: isinstance(x, qz.QuantizedArray),
+    )
+    g = _grads(31)
+    updates, state = tx.update(g, state, PARAMS)
+    ref_updates, _ = ref_tx.update(g, ref_state, PARAMS)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    want = beta * np.asarray(mu1, np.float64) + (1 - beta) * np.asarray(g["w"], np.float64)
+    q = _leaf(state, "mu", "w")
+    assert q.codec.signed and _blocks_err(qz.dequantize(q), want, q.codec, 64)
+    assert not any(
+        isinstance(x, qz.QuantizedArray)
+        for x in jax.tree.leaves(
+            state.inner_state.inner_states["adam"],
+            is_leaf=lambda x: isinstance(x, qz.QuantizedArray),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "make, inner, fields",
+    [
+        (lambda: lowbit_optax.lion_8bit(1e-4), lambda: optax.lion(1e-4), 1),
+        (lambda: lowbit_optax.sgd_momentum_8bit(1e-2), lambda: optax.sgd(1e-2, 0.9), 1),
+        (lambda: lowbit_optax.ademamix_8bit(1e-3), lambda: optax.contrib.ademamix(1e-3), 3),
+    ],
+    ids=["lion_8bit", "sgd_momentum_8bit", "ademamix_8bit"],
+)
+def test_recipes_state_bytes_and_donated_peak(make, inner, fields):
+    """Compile-only on four 1024 x 512 matrices: the state is ``fields`` x (1 + 4/128)
+    bytes per parameter (plus counts), and the donated update peaks below the float32
+    optimizer's. (The bound params + grads + state + 1 B/param is the battery's check
+    (k); on this model the per-leaf driver's update-alone programs keep two or more
+    leaves' float32 updates, ``adamw_8bit``'s as well, the gradient being an argument.)"""
+    params = {f"w{i}": jax.ShapeDtypeStruct((1024, 512), jnp.float32) for i in range(4)}
+    n = 4 * 1024 * 512
+    q, f32 = lowbit_optax.step_memory(make(), params), lowbit_optax.step_memory(inner(), params)
+    assert abs(q.state_bytes / n - fields * (1 + 4 / 128)) < 1e-4, q.state_bytes / n
+    assert q.update.peak_bytes < f32.update.peak_bytes, (
+        q.update.peak_bytes / n,
+        f32.update.peak_bytes / n,
+    )

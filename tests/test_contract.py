@@ -282,6 +282,75 @@ REGISTRY += [
 ]
 
 
+# ---- any optimizer's state quantized (lowbit_optax.quantize_state) ------------------
+
+
+def _any_state_bytes(params: Any, fields: int, counts: int, bits: int = 8, muon=False) -> int:
+    """``counts`` int32 counts; per leaf and each of ``fields`` parameter-shaped state
+    fields: with >= 4096 elements and rank >= 1, codes at ``bits`` per padded element
+    and a float32 scale per block of 128, else the field in the param dtype. ``muon``:
+    2-D leaves have one field (the momentum; plus Muon's 3 float32 coefficients), the
+    others Adam's two, and Muon's and Adam's counts are both there."""
+    total = 4 * counts
+    for x in jax.tree.leaves(params):
+        n = (1 if x.ndim == 2 else 2) if muon else fields
+        if x.ndim >= 1 and x.size >= 4096:
+            rows, blocks = x.size // x.shape[-1], -(-x.shape[-1] // 128)
+            total += n * rows * blocks * (128 * bits // 8 + 4)
+        else:
+            total += n * x.size * _itemsize(x)
+    return total + (4 * 3 if muon else 0)
+
+
+_ANY_STATIC = ("block_size", "min_size")
+_MUON_EXPLICIT = (
+    "optax.contrib.muon itself raises ShardingTypeError on a mesh with Explicit axes (its "
+    "Newton-Schulz matmuls contract sharded dimensions without an out_sharding)"
+)
+
+REGISTRY += [
+    Entry(
+        name="lion_8bit",
+        factory=lowbit_optax.lion_8bit,
+        state_bytes=lambda p: _any_state_bytes(p, fields=1, counts=1),
+        static_args=_ANY_STATIC,
+        learning_rate=1e-3,
+        problem_learning_rate=3e-3,  # Lion moves every value by lr per step
+        xfail={
+            "inject_defaults": "Lion's update is sign(b1 mu + (1 - b1) g): on this check's "
+            "two steps (g, then -g/2) with the default b2 = 0.99 it has the same sign for "
+            "b1 = 0.9 and the injected 0.5, so setting b1 cannot change it (optax.lion alike)",
+        },
+    ),
+    Entry(
+        name="sgd_momentum_8bit",
+        factory=lowbit_optax.sgd_momentum_8bit,
+        kwargs=dict(nesterov=True),
+        state_bytes=lambda p: _any_state_bytes(p, fields=1, counts=0),
+        static_args=(*_ANY_STATIC, "nesterov"),
+        problem_learning_rate=1e-3,
+    ),
+    Entry(
+        name="muon_8bit",
+        factory=lowbit_optax.muon_8bit,
+        state_bytes=lambda p: _any_state_bytes(p, fields=0, counts=2, muon=True),
+        static_args=(*_ANY_STATIC, "ns_steps", "nesterov"),
+        xfail={
+            "sharded_explicit": _MUON_EXPLICIT,
+            "explicit_no_context": _MUON_EXPLICIT,
+            "update_temp": "2.67 B/param: optax.contrib.muon's Newton-Schulz step of one "
+            "matrix (its float32 iterates and Gram products, inner's own math) runs whole",
+        },
+    ),
+    Entry(
+        name="ademamix_8bit",
+        factory=lowbit_optax.ademamix_8bit,
+        state_bytes=lambda p: _any_state_bytes(p, fields=3, counts=2),
+        static_args=_ANY_STATIC,
+    ),
+]
+
+
 # ---- SNR-selective second moments (lowbit_optax.snr) --------------------------------
 
 

@@ -150,7 +150,8 @@ def names() -> list[str]:
 def _alias(fn: Callable[..., optax.GradientTransformation], **defaults: Any) -> Factory:
     """``make(lr, **kwargs)``: ``fn(lr, **defaults, **kwargs)`` with the benchmark's
     weight decay (a keyword of every alias); ``kwargs`` win (``--set``, ``--sweep``)."""
-    if "weight_decay_rate" not in defaults and fn is not optax.sgd:
+    no_decay = (optax.sgd, lowbit_optax.sgd_momentum_8bit)
+    if "weight_decay_rate" not in defaults and fn not in no_decay:
         defaults = {"weight_decay": WEIGHT_DECAY, **defaults}
     return lambda lr, **kwargs: fn(lr, **{**defaults, **kwargs})
 
@@ -307,3 +308,48 @@ register(
     tasks=("digits", "lm"),
     lr_scale=300.0,
 )
+
+
+# ---- any optimizer's state in 8 or 4 bits (lowbit_optax.quantize_state) ----------------
+# Each float32 optimizer next to its 8-bit recipe and its state at 4 bits
+# (``quantize_state(inner, bits=4)``), at the same learning rate: the issue's comparison
+# is each one against its own float32 version.
+
+
+def _times(lr: optax.ScalarOrSchedule, k: float) -> optax.ScalarOrSchedule:
+    return (lambda step: k * lr(step)) if callable(lr) else k * lr
+
+
+def _muon(fn: Callable[..., optax.GradientTransformation]) -> Factory:
+    """Muon at 20 times the task's (Adam) learning rate on its matrices; its Adam
+    fallback (embeddings, biases, norms) at the task's rate."""
+    return lambda lr, **kwargs: fn(_times(lr, 20.0), **{"adam_learning_rate": lr, **kwargs})
+
+
+def _q4(fn: Callable[..., optax.GradientTransformation]) -> Factory:
+    return lambda lr, **kwargs: lowbit_optax.quantize_state(fn(lr, **kwargs), bits=4)
+
+
+_LION = _alias(optax.lion)
+_ADEMAMIX = _alias(optax.contrib.ademamix)
+_SGDM = _alias(optax.sgd, momentum=0.9)
+_MUON = _muon(optax.contrib.muon)
+for _name, _make, _desc, _scale in (
+    ("lion", _LION, "optax.lion (float32 momentum)", 0.1),
+    ("lion_8bit", _alias(lowbit_optax.lion_8bit), "lowbit_optax.lion_8bit", 0.1),
+    ("lion_q4", _q4(_LION), "quantize_state(optax.lion, bits=4)", 0.1),
+    (
+        "sgd_momentum_8bit",
+        _alias(lowbit_optax.sgd_momentum_8bit, momentum=0.9),
+        "lowbit_optax.sgd_momentum_8bit (momentum 0.9)",
+        30.0,
+    ),
+    ("sgd_momentum_q4", _q4(_SGDM), "quantize_state(optax.sgd(momentum=0.9), bits=4)", 30.0),
+    ("muon", _MUON, "optax.contrib.muon (float32 momentum; lr x20 on matrices)", 1.0),
+    ("muon_8bit", _muon(lowbit_optax.muon_8bit), "lowbit_optax.muon_8bit (lr x20 on matrices)", 1),
+    ("muon_q4", _q4(_MUON), "quantize_state(optax.contrib.muon, bits=4) (lr x20 on matrices)", 1),
+    ("ademamix", _ADEMAMIX, "optax.contrib.ademamix (float32 m1, m2, nu)", 1.0),
+    ("ademamix_8bit", _alias(lowbit_optax.ademamix_8bit), "lowbit_optax.ademamix_8bit", 1.0),
+    ("ademamix_q4", _q4(_ADEMAMIX), "quantize_state(optax.contrib.ademamix, bits=4)", 1.0),
+):
+    register(_name, _make, _desc, baseline=_name in ("lion", "muon", "ademamix"), lr_scale=_scale)
