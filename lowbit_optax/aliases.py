@@ -805,8 +805,9 @@ def muon_8bit(
         ``optax.contrib.muon``.
       block_size: values per block along the last axis (multiple of 8; default 128).
       min_size: smaller leaves keep float32 state (default 4096).
-      **muon_kwargs: ``optax.contrib.muon``'s keyword-only arguments (``nesterov``,
-        ``adam_b1``, ``adam_learning_rate``, ``muon_weight_dimension_numbers``, ...).
+      nesterov, adaptive, preconditioning, adam_b1, adam_b2, adam_eps_root,
+        adam_weight_decay, adam_learning_rate, muon_weight_dimension_numbers,
+        consistent_rms: ``optax.contrib.muon``'s keyword-only arguments, passed on.
 
     Example:
       >>> import jax.numpy as jnp

@@ -3,10 +3,11 @@
 The wrapper keeps ``inner``'s state as ``inner.init`` made it, with every floating leaf
 that is laid out like a parameter (the same shape as the parameter whose path ends its
 own, at least ``min_size`` values) replaced by a block-wise quantized
-``QuantizedArray``. Around ``inner.update`` it decodes those leaves to float32 and
-encodes the new ones (nearest rounding). Counts, keys, hyperparameters and leaves of
-other shapes (Adafactor's factored rows and columns, Muon's coefficients) stay as they
-are.
+``QuantizedArray``. Around ``inner.update`` it decodes those leaves (to the dtype
+``inner.init`` gave them: bfloat16 moments of bfloat16 params stay bfloat16 to
+``inner``) and encodes the new ones (nearest rounding). Counts, keys, hyperparameters
+and leaves of other shapes (Adafactor's factored rows and columns, Muon's coefficients)
+stay as they are.
 
 **Codec per leaf.** A leaf's field name says what it holds: first-moment-like fields
 (``mu``, ``m``, ``trace``, ``ema``, ...) can be negative and take a signed map;
@@ -28,6 +29,15 @@ computation is elementwise runs in row slices. Otherwise (a global norm, a globa
 finiteness check inside ``inner``) it decodes the whole state and runs ``inner.update``
 on the whole tree. Either way the numbers are ``inner``'s own computation on the
 decoded state.
+
+**Composition.** The state is a pytree of arrays (``QuantizedArray``'s codes, scales
+and bases are its leaves): ``optax.inject_hyperparams``, ``optax.MultiSteps``, orbax
+checkpoints and ``lowbit_optax.state_shardings`` see it as any state. Under
+``nnx.Optimizer`` each quantized leaf's arrays carry the param's ``Variable`` metadata,
+adapted to their shapes. Extra arguments (``value=``, ...) reach ``inner``. On a mesh
+with Explicit axes each leaf runs with those axes made Auto (``Chain.run``), as the
+library's own transforms do; ``inner`` must itself run there (``optax.contrib.muon``
+does not).
 """
 
 from __future__ import annotations

@@ -296,7 +296,7 @@ def test_muon_8bit_momentum_in_float64_and_update_from_the_decoded_state():
     ``optax.contrib.muon``'s own on the decoded state (Newton-Schulz included); the
     vector leaf's Adam moments stay float32 below ``min_size`` and its update is Adam's."""
     lr, beta = 0.02, 0.95
-    tx = lowbit_optax.muon_8bit(lr, beta, min_size=1000)
+    tx = lowbit_optax.muon_8bit(lr, beta=beta, min_size=1000)
     ref_tx = optax.contrib.muon(lr, beta=beta)
     state = tx.init(PARAMS)
     _, state = tx.update(_grads(30), state, PARAMS)

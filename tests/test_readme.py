@@ -96,3 +96,14 @@ def test_inject_hyperparams_example_runs():
     state = scope["state"]
     assert float(state.hyperparams["learning_rate"]) == pytest.approx(3e-4)
     assert set(state.hyperparams) >= {"learning_rate", "b1", "b2", "eps", "weight_decay"}
+
+
+def test_quantize_state_example_runs(capsys):
+    (code,) = [b for b in _blocks("python") if "quantize_state(optax.lion" in b]
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    # independent count: the 1M matrix's momentum at 8 bits + a float32 scale per 128;
+    # the 1024 bias under min_size in float32; Lion's int32 count
+    want = (1024 * 1024 * (1 + 4 / 128) + 1024 * 4 + 4) / (1024 * 1025)
+    assert f"{want:.3f} B/param" in out
+    assert f"{want:.3f}" in code  # the comment says what it prints
