@@ -43,8 +43,8 @@ def on_auto_axes(fn, extra, *arrays):
     a split last axis, which only XLA's propagation can lay out. Outputs keep the
     shardings of the matching inputs (the update the gradient's, each state field its
     own), so the state's layout is the same after every step."""
-    mesh = mesh_of(arrays)
-    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    mesh = explicit_mesh_of(arrays)
+    if mesh is None:
         return fn(extra, *arrays)
     spec = lambda a: jax.typeof(a).sharding.spec
     out_sharding = tuple(jax.tree.map(spec, a) for a in arrays)  # pytrees (quantized) too
@@ -63,6 +63,15 @@ def mesh_of(tree: Any) -> Any:
         m = getattr(jax.typeof(a).sharding, "mesh", None)
         if m is not None and not m.empty:
             return m
+    return mesh
+
+
+def explicit_mesh_of(tree: Any) -> Any:
+    """``mesh_of(tree)`` if it has Explicit axes (work on it must say how it shards, or
+    run with those axes made Auto), else ``None``."""
+    mesh = mesh_of(tree)
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return None
     return mesh
 
 
@@ -170,8 +179,8 @@ def auto_axes_like_inputs(fn, *args):
     such as SVD and QR need unsharded operands, which XLA's propagation arranges) and each
     output keeps the sharding of the matching input (the update the gradient's, the state
     its own)."""
-    mesh = mesh_of(args)
-    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    mesh = explicit_mesh_of(args)
+    if mesh is None:
         return fn(*args)
     specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, args)
     with jax.sharding.use_abstract_mesh(mesh):

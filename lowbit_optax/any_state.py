@@ -55,7 +55,7 @@ from jax.extend import core as jcore
 from lowbit_optax import _leafwise
 from lowbit_optax import quantization as qz
 from lowbit_optax._driver import Chain, map_rows
-from lowbit_optax._util import _is_nnx_variable, fit_spec, mesh_of, unflatten_like
+from lowbit_optax._util import _is_nnx_variable, explicit_mesh_of, fit_spec, unflatten_like
 
 # field names of non-negative (second-moment-like) and signed state leaves
 UNSIGNED_FIELDS = frozenset(
@@ -249,8 +249,8 @@ def _encode_laid_out(x: jax.Array, codec: qz.Codec) -> qz.QuantizedArray:
     """``_encode(x)`` of a whole leaf; on a mesh with Explicit axes with those made Auto
     (a block may span shards of a split last axis) and the codes, scales and bases laid
     out as ``state_shardings`` lays them (``fit_spec``: the leaf's axes where they fit)."""
-    mesh = mesh_of(x)
-    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    mesh = explicit_mesh_of(x)
+    if mesh is None:
         return _encode(x, codec, x.shape)
     spec = jax.typeof(x).sharding.spec
     sizes = dict(mesh.shape)
