@@ -57,8 +57,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_lm  # the model, the data and the optimizer settings
 
 ALIASES = (
-    "adamw_4bit", "adamw_8bit", "coap_adamw", "coap_adamw_8bit", "galore_adamw", "ggt",
-    "mfac", "slim_adamw", "solo_adamw", "sparse_ggt", "sparse_mfac", "subtrack_adamw",
+    "adamw_4bit", "adamw_8bit", "ademamix_8bit", "coap_adamw", "coap_adamw_8bit",
+    "galore_adamw", "ggt", "lion_8bit", "mfac", "sgd_momentum_8bit", "slim_adamw",
+    "solo_adamw", "sparse_ggt", "sparse_mfac", "subtrack_adamw",
 )  # fmt: skip
 
 

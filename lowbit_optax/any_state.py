@@ -5,7 +5,9 @@ that is laid out like a parameter (the same shape as the parameter whose path en
 own, at least ``min_size`` values) replaced by a block-wise quantized
 ``QuantizedArray``. Around ``inner.update`` it decodes those leaves (to the dtype
 ``inner.init`` gave them: bfloat16 moments of bfloat16 params stay bfloat16 to
-``inner``) and encodes the new ones (nearest rounding). Counts, keys, hyperparameters
+``inner``) and encodes the new ones (nearest rounding, or ``rounding='stochastic'``:
+unbiased, with a PRNG key in the state; SOLO's remedy for slowly decaying momenta at 4
+bits and below, whose nearest-rounded codes stop moving). Counts, keys, hyperparameters
 and leaves of other shapes (Adafactor's factored rows and columns, Muon's coefficients)
 stay as they are.
 
@@ -54,7 +56,7 @@ from jax.extend import core as jcore
 
 from lowbit_optax import _leafwise
 from lowbit_optax import quantization as qz
-from lowbit_optax._driver import Chain, map_rows
+from lowbit_optax._driver import EMPTY, Chain, is_empty, map_rows
 from lowbit_optax._util import _is_nnx_variable, explicit_mesh_of, fit_spec, unflatten_like
 
 # field names of non-negative (second-moment-like) and signed state leaves
@@ -68,9 +70,12 @@ CodecRule = Callable[[str, jax.Array], "qz.Codec | None"]
 
 
 class QuantizeStateState(NamedTuple):
-    """``inner_state``: ``inner``'s state, its chosen leaves as ``QuantizedArray``s."""
+    """``inner_state``: ``inner``'s state, its chosen leaves as ``QuantizedArray``s;
+    ``key``: raw ``uint32`` PRNG key data of stochastic rounding, split every step
+    (``EMPTY``, no leaves, when every codec rounds to nearest)."""
 
     inner_state: Any
+    key: Any = EMPTY
 
 
 def quantize_state(
@@ -81,6 +86,8 @@ def quantize_state(
     min_size: int = 4096,
     codec: qz.Codec | CodecRule | None = None,
     leafwise: bool | None = None,
+    rounding: str = "nearest",
+    key: int = 0,
 ) -> optax.GradientTransformation:
     """Stores ``inner``'s state block-wise quantized between steps.
 
@@ -99,6 +106,12 @@ def quantize_state(
         (found from its jaxpr), else on the whole tree; ``False``: always the whole
         tree; ``True``: leaf by leaf, an error at the first update if ``inner`` is not
         leafwise.
+      rounding: rounding of the default codecs: ``nearest``, or ``stochastic``
+        (unbiased: one of the two neighbouring levels, with probability proportional
+        to linear distance; SOLO's remedy for slowly decaying low-bit states, whose
+        nearest-rounded codes stop moving). Any codec that rounds stochastically
+        makes the state carry a PRNG key.
+      key: seed of that key.
 
     Returns:
       A ``GradientTransformation`` whose state is a ``QuantizeStateState``.
@@ -118,9 +131,17 @@ def quantize_state(
         raise ValueError(f"min_size must be a non-negative int, got {min_size!r}")
     if leafwise not in (None, True, False):
         raise ValueError(f"leafwise must be None, True or False, got {leafwise!r}")
-    signed = qz.make_codec(bits, "dynamic", signed=True, block_size=block_size)
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if not isinstance(key, int) or isinstance(key, bool):
+        raise ValueError(f"key must be an int seed, got {key!r}")
+    signed = qz.make_codec(bits, "dynamic", signed=True, block_size=block_size, rounding=rounding)
     unsigned = qz.make_codec(
-        bits, "dynamic" if bits == 8 else "linear_zero_free", signed=False, block_size=block_size
+        bits,
+        "dynamic" if bits == 8 else "linear_zero_free",
+        signed=False,
+        block_size=block_size,
+        rounding=rounding,
     )
     if codec is not None and not (isinstance(codec, qz.Codec) or callable(codec)):
         raise ValueError(f"codec must be None, a Codec or a callable, got {codec!r}")
@@ -172,7 +193,9 @@ def quantize_state(
                     q, codes=like(q.codes), scales=like(q.scales), bases=like(q.bases)
                 )
             stored.append(q)
-        return QuantizeStateState(treedef.unflatten(stored))
+        stochastic = any(_is_q(q) and q.codec.rounding != "nearest" for q in stored)
+        rng = jax.random.key_data(jax.random.key(key)) if stochastic else EMPTY
+        return QuantizeStateState(treedef.unflatten(stored), rng)
 
     inner_tx = optax.with_extra_args_support(inner)
 
@@ -190,16 +213,23 @@ def quantize_state(
                 raise ValueError(f"quantize_state(leafwise=True): {plan}")
             plan = None
         flat_in = jax.tree.leaves((updates, state.inner_state, params), is_leaf=_is_q)
+        # stochastic rounding: this step's key, one per state leaf (``fold_in`` its
+        # index), the next step's key in the state
+        keys, new_key = [None] * n_s, state.key
+        if not is_empty(state.key):
+            step_key, new_key = jax.random.split(jax.random.wrap_key_data(state.key))
+            keys = [jax.random.key_data(jax.random.fold_in(step_key, j)) for j in range(n_s)]
+            new_key = jax.random.key_data(new_key)
         if plan is not None:
-            outs = _run_leafwise(plan, flat_in, n_g, n_s)
+            outs = _run_leafwise(plan, flat_in, n_g, n_s, keys)
         else:  # the whole tree: decode all, inner.update, encode all
             outs = jcore.jaxpr_as_fun(closed)(*(_decode(x) for x in flat_in))
             outs = [
                 *outs[:n_g],
-                *(_stored_like(o, x) for o, x in zip(outs[n_g:], stored, strict=True)),
+                *(_stored_like(o, x, k) for o, x, k in zip(outs[n_g:], stored, keys, strict=True)),
             ]
         new_updates = jax.tree.structure(updates).unflatten(outs[:n_g])
-        return new_updates, QuantizeStateState(treedef.unflatten(outs[n_g:]))
+        return new_updates, QuantizeStateState(treedef.unflatten(outs[n_g:]), new_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -220,11 +250,14 @@ def _decode(x: Any) -> Any:
     return qz.dequantize(x) if _is_q(x) else x
 
 
-def _stored_like(x: jax.Array, like: Any) -> Any:
-    """``x`` stored as ``like`` is: encoded with its codec if quantized; a floating
-    array (rank >= 1) kept within float32's finite range."""
+def _stored_like(
+    x: jax.Array, like: Any, key: jax.Array | None = None, rows: jax.Array | None = None
+) -> Any:
+    """``x`` stored as ``like`` is: encoded with its codec if quantized (``key`` and
+    ``rows``, the indices of a row slice, for stochastic rounding); a floating array
+    (rank >= 1) kept within float32's finite range."""
     if _is_q(like):
-        return _encode(x, like.codec, like.shape, like.dtype)
+        return _encode(x, like.codec, like.shape, like.dtype, key, rows)
     if like is not None and x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating):
         big = float(jnp.finfo(x.dtype).max)
         return jnp.clip(x, -big, big)
@@ -232,16 +265,24 @@ def _stored_like(x: jax.Array, like: Any) -> Any:
 
 
 def _encode(
-    x: jax.Array, codec: qz.Codec, shape: tuple[int, ...], dtype: Any = None
+    x: jax.Array,
+    codec: qz.Codec,
+    shape: tuple[int, ...],
+    dtype: Any = None,
+    key: jax.Array | None = None,
+    rows: jax.Array | None = None,
 ) -> qz.QuantizedArray:
-    """``x`` (possibly a row slice of a leaf of ``shape``) as a ``QuantizedArray`` of
-    ``shape`` that decodes to ``dtype`` (default: ``x``'s), nearest rounding, clipped to
-    that dtype's finite range (unsigned codecs: to ``[0, max]``)."""
+    """``x`` (possibly a row slice of a leaf of ``shape``, its first-axis indices
+    ``rows``) as a ``QuantizedArray`` of ``shape`` that decodes to ``dtype`` (default:
+    ``x``'s), clipped to that dtype's finite range (unsigned codecs: to ``[0, max]``);
+    rounded as the codec rounds (stochastic: noise of ``key`` at each value's position
+    in the leaf, so a slice and the whole leaf round alike)."""
     dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
     big = min(_MAX, float(jnp.finfo(dtype).max))  # finite once decoded to ``dtype`` too
     x = jnp.clip(x.astype(jnp.float32), 0.0 if not codec.signed else -big, big)
     xb = qz.to_blocks(x, codec.block_size)
-    codes, scales, bases = qz.encode(xb, codec).stored(codec)
+    noise = qz.uniform_noise(codec, key, xb.shape, rows)
+    codes, scales, bases = qz.encode(xb, codec, noise).stored(codec)
     return qz.QuantizedArray(codes, scales, bases, codec=codec, shape=tuple(shape), dtype=dtype)
 
 
@@ -249,6 +290,9 @@ def _encode_laid_out(x: jax.Array, codec: qz.Codec) -> qz.QuantizedArray:
     """``_encode(x)`` of a whole leaf; on a mesh with Explicit axes with those made Auto
     (a block may span shards of a split last axis) and the codes, scales and bases laid
     out as ``state_shardings`` lays them (``fit_spec``: the leaf's axes where they fit)."""
+    if codec.rounding != "nearest":  # the initial state, rounded to nearest
+        q = _encode_laid_out(x, dataclasses.replace(codec, rounding="nearest"))
+        return dataclasses.replace(q, codec=codec)
     mesh = explicit_mesh_of(x)
     if mesh is None:
         return _encode(x, codec, x.shape)
@@ -306,10 +350,13 @@ def _split(closed, updates, fstate, params, n_g) -> _leafwise.Split | str:
     return _leafwise.split(closed, in_owner, shapes)
 
 
-def _run_leafwise(plan: _leafwise.Split, flat_in: list[Any], n_g: int, n_s: int) -> list[Any]:
+def _run_leafwise(
+    plan: _leafwise.Split, flat_in: list[Any], n_g: int, n_s: int, keys: list[Any]
+) -> list[Any]:
     """Evaluates the split update leaf after leaf (one ``Chain``), decoding each leaf's
-    quantized state inputs before its equations and encoding its state outputs after;
-    an elementwise leaf in row slices."""
+    quantized state inputs before its equations and encoding its state outputs after
+    (``keys``: each state leaf's stochastic-rounding key, or ``None``); an elementwise
+    leaf in row slices."""
     chain = Chain()
     jaxpr = plan.closed.jaxpr
     state_in = {n_g + j: flat_in[n_g + j] for j in range(n_s)}
@@ -317,6 +364,7 @@ def _run_leafwise(plan: _leafwise.Split, flat_in: list[Any], n_g: int, n_s: int)
     def per_leaf(i, values, fn, free):
         ins, outs = plan.leaf_inputs(i), plan.leaf_outputs(i)
         like = [state_in.get(k) for k in outs]  # a state output is stored as its input
+        out_keys = [keys[k - n_g] if k in state_in else None for k in outs]
         states = [k for k in ins if n_g <= k < n_g + n_s]
         n_c = 1 + len(states)  # the gradient and the state; then the rest (params)
         paired = ins[:1] == [i] and outs == [i, *states]  # outputs like (gradient, *state)
@@ -333,14 +381,16 @@ def _run_leafwise(plan: _leafwise.Split, flat_in: list[Any], n_g: int, n_s: int)
             block may span shards of a split last axis; the shared values go in with
             the rest)."""
             if not paired:
-                return chain(lambda *a: tuple(body(free, *a)), values[0], *values[1:])
-            extra = (free, values[n_c:])
+                shared = (free, out_keys)
+                return chain(lambda *a: tuple(body(shared, *a)), values[0], *values[1:])
+            extra = ((free, out_keys), values[n_c:])
             step = lambda extra, first, *st: tuple(body(extra[0], first, *st, *extra[1]))
             return chain.run(step, extra, values[0], *values[1:n_c])
 
-        def math(shared, vals, shape=None):
-            new = fn([_decode(v) for v in vals], shape, shared)
-            return [_stored_like(o, x) for o, x in zip(new, like, strict=True)]
+        def math(shared, vals, shape=None, rows=None):
+            free, ks = shared
+            new = fn([_decode(v) for v in vals], shape, free)
+            return [_stored_like(o, x, k, rows) for o, x, k in zip(new, like, ks, strict=True)]
 
         if not sliceable:
             # the stored state gated too: its decoding would otherwise float up to the
@@ -351,7 +401,7 @@ def _run_leafwise(plan: _leafwise.Split, flat_in: list[Any], n_g: int, n_s: int)
         def sliced(shared, first, *rest):
             carried, readonly = [first, *rest[: n_c - 1]], list(rest[n_c - 1 :])
             return map_rows(
-                lambda c, r, _: math(shared, [*c, *r], c[0].shape),
+                lambda c, r, rows: math(shared, [*c, *r], c[0].shape, rows),
                 carried,
                 readonly,
                 shape=plan.shapes[i],

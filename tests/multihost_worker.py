@@ -61,6 +61,7 @@ def optimizers():
             projection_mask=matrices,
         ),
         "sparse_mfac": lo.sparse_mfac(1e-2, num_grads=4, damping=1e-2, density=0.1),
+        "lion_8bit": lo.lion_8bit(1e-3, block_size=64, min_size=256),  # quantize_state
     }
 
 

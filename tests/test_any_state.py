@@ -86,6 +86,40 @@ def test_sgd_momentum_matches_float64_on_the_decoded_state():
     assert q.codec.bits == 4 and q.codes.size == 32 * 128 // 2  # two codes per byte
 
 
+def test_stochastic_rounding_is_unbiased_and_sliced_like_the_whole_leaf():
+    """``rounding='stochastic'``: the stored first momentum of one SGD step (exactly the
+    gradient) decodes, on average over keys, to the gradient, where nearest rounding
+    keeps its bias; the key is split every step; a leaf updated in row slices
+    (``map_rows``) rounds as the same leaf updated whole (the noise is positional)."""
+    params = {"w": jnp.zeros((1024, 512))}  # 2**19 values: two row slices
+    g = _grads(4, params=params)
+    tx = quantize_state(optax.sgd(1.0, momentum=0.9), bits=4, rounding="stochastic")
+    whole = quantize_state(
+        optax.sgd(1.0, momentum=0.9), bits=4, rounding="stochastic", leafwise=False
+    )
+    state = tx.init(params)
+    assert state.key.dtype == jnp.uint32
+    update = jax.jit(tx.update)
+    draws = []
+    for seed in range(48):
+        s = state._replace(key=jax.random.key_data(jax.random.key(seed)))
+        _, new = update(g, s, params)
+        draws.append(np.asarray(qz.dequantize(_leaf(new, "trace", "w")), np.float64))
+        if seed == 0:
+            assert not np.array_equal(np.asarray(new.key), np.asarray(s.key))
+            _, new_whole = jax.jit(whole.update)(g, s, params)
+            np.testing.assert_array_equal(
+                np.asarray(_leaf(new, "trace", "w").codes),
+                np.asarray(_leaf(new_whole, "trace", "w").codes),
+            )
+    ref = np.asarray(g["w"], np.float64)
+    near = quantize_state(optax.sgd(1.0, momentum=0.9), bits=4)
+    _, s_near = near.update(g, near.init(params), params)
+    bias_near = np.mean(np.abs(np.asarray(qz.dequantize(_leaf(s_near, "trace", "w"))) - ref))
+    bias_sr = np.mean(np.abs(np.mean(draws, axis=0) - ref))
+    assert bias_sr < 0.3 * bias_near, (bias_sr, bias_near)
+
+
 @pytest.mark.parametrize(
     "inner",
     [
@@ -239,6 +273,10 @@ def test_bad_arguments_are_clear_errors():
         quantize_state(optax.lion(1e-3), min_size=-1)
     with pytest.raises(ValueError, match="leafwise must be None, True or False"):
         quantize_state(optax.lion(1e-3), leafwise="yes")
+    with pytest.raises(ValueError, match="rounding must be 'nearest' or 'stochastic'"):
+        quantize_state(optax.lion(1e-3), rounding="up")
+    with pytest.raises(ValueError, match="key must be an int seed"):
+        quantize_state(optax.lion(1e-3), rounding="stochastic", key=jax.random.key(0))
 
 
 def test_leafwise_update_peak_is_below_the_whole_tree_and_float32():

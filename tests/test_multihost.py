@@ -30,6 +30,7 @@ import train_multihost  # noqa: E402
 
 OPTIMIZERS = [
     "adamw_8bit", "solo_adamw", "slim_adamw", "galore_adamw", "coap_adamw_8bit", "sparse_mfac",
+    "lion_8bit",
 ]  # fmt: skip
 TIMEOUT = 600  # seconds for one run (about 50 s each on 2 cores)
 

@@ -326,8 +326,10 @@ def _muon(fn: Callable[..., optax.GradientTransformation]) -> Factory:
     return lambda lr, **kwargs: fn(_times(lr, 20.0), **{"adam_learning_rate": lr, **kwargs})
 
 
-def _q4(fn: Callable[..., optax.GradientTransformation]) -> Factory:
-    return lambda lr, **kwargs: lowbit_optax.quantize_state(fn(lr, **kwargs), bits=4)
+def _q4(fn: Callable[..., optax.GradientTransformation], rounding: str = "nearest") -> Factory:
+    return lambda lr, **kwargs: lowbit_optax.quantize_state(
+        fn(lr, **kwargs), bits=4, rounding=rounding
+    )
 
 
 _LION = _alias(optax.lion)
@@ -339,6 +341,12 @@ for _name, _make, _desc, _scale in (
     ("lion_8bit", _alias(lowbit_optax.lion_8bit), "lowbit_optax.lion_8bit", 0.1),
     ("lion_q4", _q4(_LION), "quantize_state(optax.lion, bits=4)", 0.1),
     (
+        "lion_q4_sr",
+        _q4(_LION, "stochastic"),
+        "quantize_state(optax.lion, bits=4, rounding='stochastic')",
+        0.1,
+    ),
+    (
         "sgd_momentum_8bit",
         _alias(lowbit_optax.sgd_momentum_8bit, momentum=0.9),
         "lowbit_optax.sgd_momentum_8bit (momentum 0.9)",
@@ -348,6 +356,12 @@ for _name, _make, _desc, _scale in (
     ("muon", _MUON, "optax.contrib.muon (float32 momentum; lr x20 on matrices)", 1.0),
     ("muon_8bit", _muon(lowbit_optax.muon_8bit), "lowbit_optax.muon_8bit (lr x20 on matrices)", 1),
     ("muon_q4", _q4(_MUON), "quantize_state(optax.contrib.muon, bits=4) (lr x20 on matrices)", 1),
+    (
+        "muon_q4_sr",
+        _q4(_MUON, "stochastic"),
+        "quantize_state(optax.contrib.muon, bits=4, rounding='stochastic') (lr x20 on matrices)",
+        1,
+    ),
     ("ademamix", _ADEMAMIX, "optax.contrib.ademamix (float32 m1, m2, nu)", 1.0),
     ("ademamix_8bit", _alias(lowbit_optax.ademamix_8bit), "lowbit_optax.ademamix_8bit", 1.0),
     ("ademamix_q4", _q4(_ADEMAMIX), "quantize_state(optax.contrib.ademamix, bits=4)", 1.0),
