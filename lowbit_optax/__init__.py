@@ -92,6 +92,11 @@ from lowbit_optax.slim.transform import (
     scale_by_slim_adam,
     slim_state_from_adam,
 )
+from lowbit_optax.weights import (
+    StochasticRoundingState,
+    round_stochastically,
+    stochastic_rounding,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -115,6 +120,7 @@ __all__ = [
     "ScaleByQuantizedAdamState",
     "ScaleBySlimAdamState",
     "ScaleByWindowState",
+    "StochasticRoundingState",
     "SubTrackProjector",
     "adamw_4bit",
     "adamw_8bit",
@@ -144,6 +150,7 @@ __all__ = [
     "random_k",
     "removed_fraction",
     "resolve_rules",
+    "round_stochastically",
     "rules_from_json",
     "rules_from_snr",
     "rules_to_json",
@@ -166,6 +173,7 @@ __all__ = [
     "state_bytes",
     "state_shardings",
     "step_memory",
+    "stochastic_rounding",
     "subtrack_adamw",
     "top_k",
 ]

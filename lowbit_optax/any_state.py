@@ -109,8 +109,8 @@ def quantize_state(
       rounding: rounding of the default codecs: ``nearest``, or ``stochastic``
         (unbiased: one of the two neighbouring levels, with probability proportional
         to linear distance; SOLO's remedy for slowly decaying low-bit states, whose
-        nearest-rounded codes stop moving). Any codec that rounds stochastically
-        makes the state carry a PRNG key.
+        nearest-rounded codes stop moving). ``stochastic`` puts a PRNG key in the
+        state; a ``codec=`` that rounds stochastically needs it.
       key: seed of that key.
 
     Returns:
@@ -186,6 +186,12 @@ def quantize_state(
             if c is None:
                 stored.append(node)
                 continue
+            if c.rounding != "nearest" and rounding != "stochastic":
+                raise ValueError(
+                    f"the codec of state leaf {jax.tree_util.keystr(path)} rounds "
+                    f"{c.rounding!r}, which needs a PRNG key in the state: pass "
+                    "rounding='stochastic' to quantize_state"
+                )
             q = _encode_laid_out(leaf, c)
             if _is_nnx_variable(node):
                 like = lambda a, node=node: None if a is None else unflatten_like([node], [a])[0]
@@ -193,8 +199,9 @@ def quantize_state(
                     q, codes=like(q.codes), scales=like(q.scales), bases=like(q.bases)
                 )
             stored.append(q)
-        stochastic = any(_is_q(q) and q.codec.rounding != "nearest" for q in stored)
-        rng = jax.random.key_data(jax.random.key(key)) if stochastic else EMPTY
+        # the key's presence is set by the arguments, not by the leaves (optax's
+        # tree_map_params inits with placeholders, which quantize nothing)
+        rng = jax.random.key_data(jax.random.key(key)) if rounding == "stochastic" else EMPTY
         return QuantizeStateState(treedef.unflatten(stored), rng)
 
     inner_tx = optax.with_extra_args_support(inner)

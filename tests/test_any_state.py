@@ -275,6 +275,9 @@ def test_bad_arguments_are_clear_errors():
         quantize_state(optax.lion(1e-3), leafwise="yes")
     with pytest.raises(ValueError, match="rounding must be 'nearest' or 'stochastic'"):
         quantize_state(optax.lion(1e-3), rounding="up")
+    sr = qz.make_codec(8, "dynamic", signed=True, rounding="stochastic")
+    with pytest.raises(ValueError, match="pass rounding='stochastic' to quantize_state"):
+        quantize_state(optax.lion(1e-3), codec=sr).init(PARAMS)
     with pytest.raises(ValueError, match="key must be an int seed"):
         quantize_state(optax.lion(1e-3), rounding="stochastic", key=jax.random.key(0))
 

@@ -86,6 +86,8 @@ class Entry:
         (ints that set state shapes, strings, callables).
       state_bytes: the documented state-size formula, ``params -> bytes``.
       xfail: check name -> reason, for checks this entry is known to fail.
+      update_dtype: the updates' dtype where it is not the gradients' (``None``: the
+        gradients'); ``stochastic_rounding`` emits float32 updates by design.
       atol: absolute tolerance where two computations of the same update are compared
         (MultiSteps vs averaged gradients, sharded vs single device); 1e-5 for updates
         that pass through an SVD or QR, whose float32 rounding differs with the operand
@@ -100,6 +102,7 @@ class Entry:
     problem_learning_rate: float = 1e-1
     static_args: tuple[str, ...] = ()
     xfail: dict[str, str] = dataclasses.field(default_factory=dict)
+    update_dtype: Any = None
     atol: float = 1e-7
 
     def make(self, learning_rate: float | None = None) -> optax.GradientTransformation:
@@ -303,6 +306,19 @@ def _any_state_bytes(params: Any, fields: int, counts: int, bits: int = 8, muon=
 
 
 _ANY_STATIC = ("block_size", "min_size")
+
+
+def _lion_q4_sr(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-3,
+) -> optax.GradientTransformation:
+    """Lion's momentum in 4 bits, rounded stochastically."""
+    inner = optax.lion(learning_rate, b1, b2, weight_decay=weight_decay)
+    return lowbit_optax.quantize_state(inner, bits=4, rounding="stochastic")
+
+
 _MUON_EXPLICIT = (
     "optax.contrib.muon itself raises ShardingTypeError on a mesh with Explicit axes (its "
     "Newton-Schulz matmuls contract sharded dimensions without an out_sharding)"
@@ -347,6 +363,43 @@ REGISTRY += [
         factory=lowbit_optax.ademamix_8bit,
         state_bytes=lambda p: _any_state_bytes(p, fields=3, counts=2),
         static_args=_ANY_STATIC,
+    ),
+    Entry(
+        name="quantize_state(lion, bits=4, rounding='stochastic')",
+        factory=_lion_q4_sr,
+        # the stochastic-rounding key: two uint32 words
+        state_bytes=lambda p: _any_state_bytes(p, fields=1, counts=1, bits=4) + 8,
+        learning_rate=1e-3,
+        problem_learning_rate=3e-3,
+        xfail={"inject_defaults": "as lion_8bit's: Lion's sign update on this check's steps"},
+    ),
+]
+
+
+# ---- low-precision weights (lowbit_optax.weights) -------------------------------------
+
+
+def _adamw_sr(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    weight_decay: float = 1e-4,
+) -> optax.GradientTransformation:
+    """optax.adamw with its updates of bf16 params rounded stochastically."""
+    return optax.chain(
+        optax.adamw(learning_rate, b1, b2, weight_decay=weight_decay),
+        lowbit_optax.stochastic_rounding(),
+    )
+
+
+REGISTRY += [
+    Entry(
+        name="adamw_stochastic_rounding",
+        factory=_adamw_sr,
+        state_bytes=lambda p: _adamw_bytes(p) + 8,  # the key: two uint32 words
+        # by design: SR(p + u) - p in float32 (exact), so that optax.apply_updates
+        # lands exactly on the rounded value
+        update_dtype=jnp.float32,
     ),
 ]
 
@@ -1073,10 +1126,17 @@ def test_update_dtype(entry: Entry, dtype):
     for _ in range(2):
         grads = grads_at(params)
         updates, state = update(grads, state, params)
-        chex.assert_trees_all_equal_dtypes(updates, grads)
+        chex.assert_trees_all_equal_dtypes(updates, _as_update(entry, grads))
         assert_finite(updates, "updates")
         params = optax.apply_updates(params, updates)
         chex.assert_trees_all_equal_dtypes(params, make_params(dtype))
+
+
+def _as_update(entry: Entry, grads: Any) -> Any:
+    """``grads`` in the dtype ``entry``'s updates have."""
+    if entry.update_dtype is None:
+        return grads
+    return jax.tree.map(lambda g: g.astype(entry.update_dtype), grads)
 
 
 def _structure(tree: Any) -> Any:
@@ -1098,7 +1158,7 @@ def test_state_structure_stable(entry: Entry, dtype):
         return jax.lax.cond(
             pred,
             lambda: tx.update(grads, state, params),
-            lambda: (jax.tree.map(jnp.zeros_like, grads), state),
+            lambda: (jax.tree.map(jnp.zeros_like, _as_update(entry, grads)), state),
         )
 
     for pred in (True, False):
