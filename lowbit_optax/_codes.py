@@ -285,7 +285,11 @@ def _mix32(x: jax.Array) -> jax.Array:
 
 
 def hash_uniform(
-    key: jax.Array, shape: tuple[int, ...], rows: jax.Array | None = None
+    key: jax.Array,
+    shape: tuple[int, ...],
+    rows: jax.Array | None = None,
+    *,
+    bits_only: bool = False,
 ) -> jax.Array:
     """U[0, 1) float32 noise of ``shape`` from a PRNG key, by hashing each element's
     position with the key (counter-based, like threefry, but two 32-bit mixing rounds
@@ -320,8 +324,16 @@ def hash_uniform(
         stride *= shape[axis]
     h = _mix32(col * jnp.uint32(0x9E3779B9) + w0)
     h = _mix32(h ^ (row * jnp.uint32(0x85EBCA6B) + w1))
+    if bits_only:
+        return h[0] if squeeze else h
     u = (h >> 8).astype(jnp.float32) * (1.0 / 2**24)
     return u[0] if squeeze else u
+
+
+def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The uint32 hash words behind ``hash_uniform(key, shape)`` (32 random bits per
+    position)."""
+    return hash_uniform(key, shape, bits_only=True)
 
 
 def int_power(base: jax.Array, k: jax.Array, bits: int) -> jax.Array:

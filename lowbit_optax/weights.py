@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowbit_optax._codes import hash_uniform
+from lowbit_optax._codes import hash_bits, hash_uniform
 
 __all__ = ["StochasticRoundingState", "round_stochastically", "stochastic_rounding"]
 
@@ -54,6 +54,19 @@ def round_stochastically(x: jax.Array, dtype: Any, u: jax.Array) -> jax.Array:
     rounded = jnp.where(u < p_above, above, below).astype(dtype)
     keep = ~jnp.isfinite(x) | ~jnp.isfinite(otherf) | (nearf == x)
     return jnp.where(keep, near, rounded)
+
+
+def _round_bf16(x: jax.Array, bits: jax.Array) -> jax.Array:
+    """``round_stochastically(x, bfloat16, u)`` for float32 ``x`` by bits: a bfloat16 is
+    the top half of a float32, so adding 16 random bits to the bottom half carries into
+    the top with probability (bottom half) / 2**16, the distance to the lower neighbour
+    (in magnitude) over the gap; truncating the bottom half then rounds up with that
+    probability. Non-finite values round to nearest."""
+    x = x.astype(jnp.float32)
+    raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    up = (raw + (bits >> 16)) & jnp.uint32(0xFFFF0000)
+    rounded = jax.lax.bitcast_convert_type(up, jnp.float32).astype(jnp.bfloat16)
+    return jnp.where(jnp.isfinite(x), rounded, x.astype(jnp.bfloat16))
 
 
 def _narrow(p: Any) -> bool:
@@ -117,9 +130,13 @@ def stochastic_rounding(key: int = 0) -> optax.GradientTransformation:
             if u is None or not _narrow(p):
                 out.append(u)
                 continue
-            noise = hash_uniform(jax.random.fold_in(step_key, i), p.shape)
+            leaf_key = jax.random.fold_in(step_key, i)
             pf = p.astype(jnp.float32)
-            new = round_stochastically(pf + u.astype(jnp.float32), p.dtype, noise)
+            x = pf + u.astype(jnp.float32)
+            if p.dtype == jnp.bfloat16:  # by bits: a tenth of the general form's cost
+                new = _round_bf16(x, hash_bits(leaf_key, p.shape))
+            else:
+                new = round_stochastically(x, p.dtype, hash_uniform(leaf_key, p.shape))
             out.append(new.astype(jnp.float32) - pf)
         new_state = StochasticRoundingState(jax.random.key_data(next_key))
         return treedef.unflatten(out), new_state

@@ -9,7 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from lowbit_optax.weights import StochasticRoundingState, stochastic_rounding
+from lowbit_optax.weights import (
+    StochasticRoundingState,
+    round_stochastically,
+    stochastic_rounding,
+)
 
 
 def _neighbours(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -145,3 +149,26 @@ def test_checkpoint_resume_with_bf16_params_is_bit_exact(tmp_path):
     # 6 steps of lr 1e-4 are below half a bf16 ulp for most weights: nearest rounding
     # would leave them, stochastic rounding moves some
     assert np.any(np.asarray(full["w"]) != np.asarray(params0["w"]))
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bf16", "f16"])
+def test_round_stochastically_picks_a_neighbour_with_the_right_odds(dtype):
+    """The general rounding (``round_stochastically``, which fp16 params use; bf16 params
+    take a bit-level form of it): one of the two neighbours of x, above with probability
+    (x - below) / (above - below), for evenly spread u."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(256).astype(np.float32) * np.float32(3.0)
+    below, above = _neighbours(x.astype(np.float64), dtype)
+    u = (np.arange(1000) + 0.5) / 1000  # evenly spread: the share above is exact to 1e-3
+    got = np.asarray(
+        round_stochastically(
+            jnp.asarray(np.repeat(x[None], len(u), 0)),
+            jnp.dtype(dtype),
+            jnp.asarray(np.repeat(u[:, None], len(x), 1), jnp.float32),
+        ),
+        np.float64,
+    )
+    assert np.all((got == below) | (got == above))
+    gap = np.where(above > below, above - below, 1.0)
+    want = np.where(above > below, (x - below) / gap, 0.0)
+    np.testing.assert_allclose((got == above).mean(0), want, atol=2e-3)
