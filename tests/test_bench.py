@@ -594,3 +594,18 @@ def test_mlp_lm_is_causal_and_starts_near_uniform() -> None:
     np.testing.assert_array_equal(a[:, 14:], b[:, 14:])  # beyond the context: the same
     loss = float(models.lm_loss(model, tokens, tokens))
     assert abs(loss - np.log(256)) < 0.5
+
+
+def test_update_task_runs_on_bfloat16_params() -> None:
+    """``--param-dtype bfloat16``: the update task's params and gradients are bf16, so
+    stochastic rounding has work to time (its updates are float32 by design)."""
+    from lowbit_optax.bench import tasks
+
+    settings = tasks.Settings(quick=True, steps=2, param_dtype="bfloat16")
+    optimizers = {n: registry.get(n).factory() for n in ("adamw", "adamw_sr")}
+    record = tasks.UpdateTask().run(optimizers, settings)
+    assert record["config"]["param_dtype"] == "bfloat16"
+    for name in optimizers:
+        r = record["results"][name]
+        assert r["status"] == "ok" and r["update_ms"] > 0, r
+        assert r["num_params"] * 2 * 2 <= r["state_bytes"] <= r["num_params"] * 2 * 2 + 16

@@ -57,6 +57,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for data, init, gradients")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, under a minute")
     parser.add_argument(
+        "--param-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the update task's params and gradients (bfloat16: to time "
+        "stochastic_rounding, whose work is on low-precision params only)",
+    )
+    parser.add_argument(
         "--calibrate",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -276,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=args.quick,
         calibrate=args.calibrate,
         calibrate_steps=args.calibrate_steps,
+        param_dtype=args.param_dtype,
     )
     factories = {
         label: registry.variant(name, kw)[1] for label, (name, kw) in args.variants.items()

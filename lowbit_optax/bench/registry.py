@@ -176,6 +176,28 @@ register(
     event_period=lambda kw: kw.get("update_proj_gap", 200),
 )
 
+# ---- low-precision weights (lowbit_optax.stochastic_rounding) ---------------------------
+# On float32 params stochastic rounding passes the updates through; its work shows with
+# ``--param-dtype bfloat16`` (the update task).
+
+
+def _then_sr(make: Factory) -> Factory:
+    return lambda lr, **kwargs: optax.chain(make(lr, **kwargs), lowbit_optax.stochastic_rounding())
+
+
+register(
+    "adamw_sr",
+    _then_sr(_alias(optax.adamw)),
+    "optax.adamw, then lowbit_optax.stochastic_rounding (bf16 params)",
+    tasks=("update",),
+)
+register(
+    "adamw_8bit_sr",
+    _then_sr(_alias(lowbit_optax.adamw_8bit)),
+    "lowbit_optax.adamw_8bit, then lowbit_optax.stochastic_rounding (bf16 params)",
+    tasks=("update",),
+)
+
 # ---- quantized EMA state ---------------------------------------------------------------
 register(
     "adamw_8bit",

@@ -65,6 +65,7 @@ class Settings:
     calibrate: bool = False
     calibrate_steps: int = 400
     time_updates: bool = True
+    param_dtype: str = "float32"  # the ``update`` task's params and gradients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +237,7 @@ def _setup_all(
 
 def time_updates(trials: list[Trial], params0: Any, plan: Plan, seed: int, bar: tqdm) -> None:
     """The update micro-benchmark: ``plan.rounds`` round-robin rounds of ``plan.calls``."""
-    grads = _random_like(params0, seed + 1)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), _random_like(params0, seed + 1), params0)
     bar.set_postfix_str("compiling updates")
     loops = _setup_all(trials, lambda t: _setup_update(t, params0, grads))
 
@@ -707,7 +708,10 @@ class UpdateTask:
         for path, shape in shapes.items():
             layer, name = path.split("/")
             abstract.setdefault(layer, {})[name] = jax.ShapeDtypeStruct(shape, jnp.float32)
-        params0 = _random_like(abstract, settings.seed, scale=0.02)
+        dtype = jnp.dtype(settings.param_dtype)
+        params0 = jax.tree.map(
+            lambda x: x.astype(dtype), _random_like(abstract, settings.seed, scale=0.02)
+        )
         trials = make_trials(optimizers, plan.lr)
         with tqdm(total=len(trials) * plan.rounds, desc=self.name, leave=False) as bar:
             time_updates(trials, params0, plan, settings.seed, bar)
@@ -716,6 +720,7 @@ class UpdateTask:
         config = {
             "shapes": {k: list(v) for k, v in shapes.items()},
             "num_params": num_params(params0),
+            "param_dtype": settings.param_dtype,
             "lr": plan.lr,
             "rounds": plan.rounds,
             "calls": plan.calls,
