@@ -72,7 +72,7 @@ CodecRule = Callable[[str, jax.Array], "qz.Codec | None"]
 class QuantizeStateState(NamedTuple):
     """``inner_state``: ``inner``'s state, its chosen leaves as ``QuantizedArray``s;
     ``key``: raw ``uint32`` PRNG key data of stochastic rounding, split every step
-    (``EMPTY``, no leaves, when every codec rounds to nearest)."""
+    (``EMPTY``, no leaves, unless ``rounding='stochastic'``)."""
 
     inner_state: Any
     key: Any = EMPTY
