@@ -332,11 +332,6 @@ REGISTRY += [
         static_args=_ANY_STATIC,
         learning_rate=1e-3,
         problem_learning_rate=3e-3,  # Lion moves every value by lr per step
-        xfail={
-            "inject_defaults": "Lion's update is sign(b1 mu + (1 - b1) g): on this check's "
-            "two steps (g, then -g/2) with the default b2 = 0.99 it has the same sign for "
-            "b1 = 0.9 and the injected 0.5, so setting b1 cannot change it (optax.lion alike)",
-        },
     ),
     Entry(
         name="sgd_momentum_8bit",
@@ -371,7 +366,6 @@ REGISTRY += [
         state_bytes=lambda p: _any_state_bytes(p, fields=1, counts=1, bits=4) + 8,
         learning_rate=1e-3,
         problem_learning_rate=3e-3,
-        xfail={"inject_defaults": "as lion_8bit's: Lion's sign update on this check's steps"},
     ),
 ]
 
@@ -1030,7 +1024,9 @@ def test_inject_hyperparams(entry: Entry):
 
 # The numeric hyperparameters every Adam-like alias takes, and values that change its
 # second update (from the defaults 0.9, 0.999, small eps, small weight decay)
-_INJECTED = {"b1": 0.5, "b2": 0.9, "eps": 0.5, "weight_decay": 0.5, "damping": 0.5}
+# b1 = 0.99, above every default: Lion's sign(b1 mu + (1 - b1) g) on the check's steps
+# (g, then -g/2; mu = (1 - b2) g) flips only for b1 above 1 / (1 + 2 (1 - b2)).
+_INJECTED = {"b1": 0.99, "b2": 0.9, "eps": 0.5, "weight_decay": 0.5, "damping": 0.5}
 
 
 @pytest.mark.parametrize("entry", cases("inject_defaults"))
