@@ -12,7 +12,8 @@ being an ``AdamLike``: an ``optax.GradientTransformation`` that also carries
 * ``get(stored, shape) -> (mu, nu)``: one parameter's entries of those fields (a tuple,
   in ``fields`` order) as float arrays of that parameter's ``shape``;
 * ``put(stored, mu, nu) -> stored``: the entries holding new moments;
-* ``b1``, ``b2``: the betas (numbers, or traced scalars under ``inject_hyperparams``).
+* ``b1``, ``b2``: the betas (numbers, or traced scalars under ``inject_hyperparams``);
+* ``eps``: the epsilon added to ``sqrt(nu_hat)`` in the denominator (``None``: unknown).
 
 The step count is the state's one scalar integer ``count`` field (else the wrapper's).
 Per-parameter access keeps a wrapper's work leaf by leaf: a quantized state is decoded
@@ -30,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 __all__ = ["AdamLike", "MomentAccess", "field_access", "scale_by_adam_like"]
@@ -44,6 +47,7 @@ class MomentAccess(NamedTuple):
     put: Callable[[tuple[Any, ...], Any, Any], tuple[Any, ...]]
     b1: Any = None
     b2: Any = None
+    eps: Any = None
 
 
 class AdamLike(optax.GradientTransformation):
@@ -60,10 +64,23 @@ class AdamLike(optax.GradientTransformation):
         return tx
 
 
-def field_access(b1: Any = None, b2: Any = None) -> MomentAccess:
+def field_access(b1: Any = None, b2: Any = None, eps: Any = None) -> MomentAccess:
     """The access of a state whose moments are float fields named ``mu`` and ``nu``
-    (``optax.ScaleByAdamState``), with the given betas (``None``: unknown)."""
-    return MomentAccess(("mu", "nu"), lambda stored, shape: stored, lambda _, m, v: (m, v), b1, b2)
+    (``optax.ScaleByAdamState``), with the given betas and epsilon (``None``: unknown)."""
+    return MomentAccess(
+        ("mu", "nu"), lambda stored, shape: stored, lambda _, m, v: (m, v), b1, b2, eps
+    )
+
+
+def inner_count(inner_state: Any, fallback: jax.Array) -> jax.Array:
+    """The inner state's step count if it has exactly one scalar integer ``count``
+    field (``optax.scale_by_adam``'s), else ``fallback`` (the wrapper's)."""
+    found = optax.tree_utils.tree_get_all_with_path(inner_state, "count")
+    if len(found) == 1:
+        c = found[0][1]
+        if isinstance(c, jax.Array) and c.ndim == 0 and jnp.issubdtype(c.dtype, jnp.integer):
+            return c
+    return fallback
 
 
 def scale_by_adam_like(
@@ -83,4 +100,4 @@ def scale_by_adam_like(
       ...     scale_by_adam_like(b1=0.9, b2=0.95), rank=8, moments="rotate")
     """
     tx = optax.scale_by_adam(b1, b2, eps, **kwargs)
-    return AdamLike(tx.init, tx.update, field_access(b1, b2))
+    return AdamLike(tx.init, tx.update, field_access(b1, b2, eps))

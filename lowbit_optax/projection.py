@@ -87,7 +87,7 @@ import optax
 
 from lowbit_optax._driver import EMPTY, Chain, init_leaves, map_rows
 from lowbit_optax._util import auto_axes_like_inputs, static_arg, unflatten_like
-from lowbit_optax.moments import MomentAccess, field_access
+from lowbit_optax.moments import MomentAccess, field_access, inner_count
 from lowbit_optax.projectors import (  # noqa: F401 (the projectors' math, re-exported)
     COAPProjector,
     Projector,
@@ -505,7 +505,7 @@ class _MomentView:
         ]
         self.rho = None
         if cfg.moments == "rotate":
-            count = _inner_count(state.inner_state, state.count)
+            count = inner_count(state.inner_state, state.count)
             self.rho = _bias_ratio(count, cfg.access.b1, cfg.access.b2)
 
     def moved(self, i: int) -> Any:
@@ -598,17 +598,6 @@ def _inner_mu(inner_state: Any, treedef: Any) -> list[Any] | None:
     if not all(isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) for x in leaves):
         return None
     return leaves
-
-
-def _inner_count(inner_state: Any, fallback: jax.Array) -> jax.Array:
-    """The inner state's step count if it has exactly one scalar integer ``count``
-    field (``optax.scale_by_adam``'s), else ``fallback`` (this wrapper's)."""
-    found = optax.tree_utils.tree_get_all_with_path(inner_state, "count")
-    if len(found) == 1:
-        c = found[0][1]
-        if isinstance(c, jax.Array) and c.ndim == 0 and jnp.issubdtype(c.dtype, jnp.integer):
-            return c
-    return fallback
 
 
 def _bias_ratio(t: jax.Array, b1: float, b2: float) -> jax.Array:

@@ -218,10 +218,12 @@ def scale_by_quantized_adam(
         updates, fields = update_leaves(update_leaf, updates, state, _Leaf)
         return updates, ScaleByQuantizedAdamState(count, state.key, *fields)
 
-    return AdamLike(init_fn, update_fn, _moment_access(mu_codec, nu_codec, b1, b2))
+    return AdamLike(init_fn, update_fn, _moment_access(mu_codec, nu_codec, b1, b2, eps))
 
 
-def _moment_access(mu_codec: qz.Codec, nu_codec: qz.Codec, b1: Any, b2: Any) -> MomentAccess:
+def _moment_access(
+    mu_codec: qz.Codec, nu_codec: qz.Codec, b1: Any, b2: Any, eps: Any
+) -> MomentAccess:
     """The moment protocol of ``ScaleByQuantizedAdamState``: one leaf's codes decoded
     to float32 ``(mu, nu)``, and new moments encoded by nearest rounding, ``nu`` stored
     as its block-relative values and ``sqrt`` of the block maximum (the update's
@@ -250,7 +252,7 @@ def _moment_access(mu_codec: qz.Codec, nu_codec: qz.Codec, b1: Any, b2: Any) -> 
         nu_codes, nu_scale, nu_base = nu.stored(nu_codec)
         return mu_codes, mu_scale, nu_codes, nu_scale, EMPTY if nu_base is None else nu_base
 
-    return MomentAccess(tuple(_Leaf._fields), get, put, b1, b2)
+    return MomentAccess(tuple(_Leaf._fields), get, put, b1, b2, eps)
 
 
 class _Leaf(NamedTuple):

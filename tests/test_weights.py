@@ -1,4 +1,5 @@
-"""stochastic_rounding (lowbit_optax.weights): bf16/fp16 params updated like float32 ones."""
+"""lowbit_optax.weights: bf16/fp16 params updated like float32 ones (stochastic_rounding,
+compensated, eco)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import numpy as np
 import optax
 import pytest
 
+import lowbit_optax
+from lowbit_optax._driver import is_empty
 from lowbit_optax.weights import (
     StochasticRoundingState,
+    compensated,
+    eco,
     round_stochastically,
     stochastic_rounding,
 )
@@ -172,3 +177,198 @@ def test_round_stochastically_picks_a_neighbour_with_the_right_odds(dtype):
     gap = np.where(above > below, above - below, 1.0)
     want = np.where(above > below, (x - below) / gap, 0.0)
     np.testing.assert_allclose((got == above).mean(0), want, atol=2e-3)
+
+
+# ---- compensated (Kahan) -------------------------------------------------------------
+
+
+def test_compensated_follows_the_float64_sum_where_nearest_stalls():
+    """400 updates of -1e-4 on bf16 weights of 1 (each below half a unit in the last
+    place, 2**-9): nearest rounding never moves, the compensated weight ends at the
+    bf16 value nearest 1 - 0.04 (float64), and p + c is off by at most what rounding
+    c to bf16 loses, 2**-9 of |c| <= 2**-9 (half a unit of p), per step."""
+    p0 = {"w": jnp.ones((3,), jnp.bfloat16), "f": jnp.ones((3,), jnp.float32)}
+    u = {"w": jnp.full((3,), -1e-4, jnp.float32), "f": jnp.full((3,), -1e-4, jnp.float32)}
+    tx = compensated()
+    state = tx.init(p0)
+    assert state.compensation["w"].dtype == jnp.bfloat16 and is_empty(state.compensation["f"])
+    step = jax.jit(tx.update)
+    params, plain = p0, p0
+    for _ in range(400):
+        updates, state = step(u, state, params)
+        assert updates["w"].dtype == jnp.float32
+        params = optax.apply_updates(params, updates)
+        plain = optax.apply_updates(plain, u)
+    assert np.all(np.asarray(plain["w"]) == 1.0)  # the stall
+    exact = 1.0 - 400 * np.float64(np.float32(-1e-4)) * -1
+    want = np.float64(np.array(exact).astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(np.asarray(params["w"], np.float64), want)
+    total = np.asarray(params["w"], np.float64) + np.asarray(state.compensation["w"], np.float64)
+    assert np.all(np.abs(total - exact) <= 400 * 2.0**-9 * 2.0**-9)
+    # float32 params: the update passes through untouched
+    np.testing.assert_array_equal(np.asarray(params["f"]), np.asarray(plain["f"]))
+
+
+def test_compensated_keeps_the_state_finite_on_non_finite_updates():
+    p = {"w": jnp.ones((4,), jnp.bfloat16)}
+    u = {"w": jnp.asarray([np.nan, np.inf, -np.inf, 1e-4], jnp.float32)}
+    tx = compensated()
+    updates, state = tx.update(u, tx.init(p), p)
+    new = np.asarray(optax.apply_updates(p, updates)["w"], np.float64)
+    assert np.isnan(new[0]) and new[1] == np.inf and new[2] == -np.inf and new[3] == 1.0
+    c = np.asarray(state.compensation["w"], np.float64)
+    assert np.all(np.isfinite(c)) and c[3] == np.float64(
+        np.float32(1e-4).astype(ml_dtypes.bfloat16)
+    )
+    with pytest.raises(ValueError, match="compensated needs the params"):
+        tx.update(u, tx.init(p))
+
+
+# ---- eco -----------------------------------------------------------------------------
+
+
+def _quadratic_grads(target):
+    return jax.jit(jax.grad(lambda p: 0.5 * jnp.sum((p["w"].astype(jnp.float32) - target) ** 2)))
+
+
+def test_eco_on_float32_params_is_adamw():
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)}
+    target = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
+    grads = _quadratic_grads(target)
+    sched = optax.linear_schedule(1e-2, 1e-3, 5)
+    ref_tx = optax.adamw(sched, weight_decay=0.1)
+    tx = eco(lowbit_optax.scale_by_adam_like(), sched, weight_decay=0.1)
+    p_ref, s_ref, p, s = params, ref_tx.init(params), params, tx.init(params)
+    for _ in range(5):
+        u_ref, s_ref = ref_tx.update(grads(p_ref), s_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, u_ref)
+        u, s = tx.update(grads(p), s, p)
+        p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(np.asarray(p["w"]), np.asarray(p_ref["w"]), rtol=1e-6, atol=1e-7)
+
+
+def test_eco_injects_the_rounding_error_into_the_first_moment():
+    """One step from zero moments, against the docstring's formula in float64 (numpy
+    and ml_dtypes): m = (1 - b1) g - (1 - b1)(1 - b1**2) d e / (eta b1), e the bf16
+    nearest-rounding error of p + u, weight decay in float32."""
+    b1, b2, eps, eta, wd = 0.9, 0.99, 1e-8, 3e-3, 0.1
+    rng = np.random.default_rng(2)
+    p = (rng.standard_normal(256) * 2.0).astype(ml_dtypes.bfloat16)
+    g = rng.standard_normal(256).astype(np.float32) * np.float32(10.0) ** rng.uniform(-3, 1, 256)
+    tx = eco(lowbit_optax.scale_by_adam_like(b1, b2, eps), eta, weight_decay=wd)
+    params = {"w": jnp.asarray(p)}
+    updates, state = tx.update({"w": jnp.asarray(g)}, tx.init(params), params)
+    pf, g64 = p.astype(np.float64), g.astype(np.float64)
+    m, v = (1 - b1) * g64, (1 - b2) * g64**2
+    x = pf - eta * (m / (1 - b1) / (np.sqrt(v / (1 - b2)) + eps) + wd * pf)
+    # optax.scale_by_adam's update uses the float32 nu; its state keeps nu in the
+    # params' dtype (bfloat16 here), and that stored nu is what ECO reads
+    v = v.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    d = np.sqrt(v / (1 - b2)) + eps
+    new = x.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    e = x - new
+    want_m = m - (1 - b1) * (1 - b1**2) * d * e / (eta * b1)
+    got_new = np.asarray(optax.apply_updates(params, updates)["w"], np.float64)
+    np.testing.assert_array_equal(got_new, new)
+    assert np.any(e != 0)
+    np.testing.assert_allclose(
+        np.asarray(state.inner_state.mu["w"]), want_m, rtol=2e-5, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("inner", ["float32", "8bit"])
+def test_eco_follows_master_weights_where_nearest_stalls(inner):
+    """Adam on a quadratic with bf16 weights in [0.13, 0.24] (unit in the last place
+    2**-10) at lr 2e-4, below half a unit: nearest rounding never moves; ECO lags
+    Adam with float32 master weights by a bounded amount (about half a unit over
+    1 - b1, which the momentum must hold before a step survives rounding), so after 200
+    steps (up to 40 units of travel) it is several times closer to the masters."""
+    rng = np.random.default_rng(3)
+    shape = (64, 128)
+    p0 = jnp.asarray(rng.uniform(0.13, 0.24, shape), jnp.float32)
+    target = p0 + jnp.asarray(rng.uniform(-0.05, 0.05, shape), jnp.float32)
+    grads = _quadratic_grads(target)
+    lr = 2e-4
+
+    def adam():
+        if inner == "8bit":
+            return lowbit_optax.scale_by_quantized_adam(b2=0.99)
+        return lowbit_optax.scale_by_adam_like(b2=0.99)
+
+    def run(tx, params):
+        state = tx.init(params)
+        step = jax.jit(lambda p, s: tx.update(grads(p), s, p))
+        for _ in range(200):
+            u, state = step(params, state)
+            params = optax.apply_updates(params, u)
+        return np.asarray(params["w"], np.float64), state
+
+    master, _ = run(optax.chain(adam(), optax.scale(-lr)), {"w": p0})
+    nearest, _ = run(optax.chain(adam(), optax.scale(-lr)), {"w": p0.astype(jnp.bfloat16)})
+    eco_w, state = run(eco(adam(), lr), {"w": p0.astype(jnp.bfloat16)})
+    err_nearest = np.mean(np.abs(nearest - master))
+    err_eco = np.mean(np.abs(eco_w - master))
+    assert err_eco < 0.3 * err_nearest, (err_eco, err_nearest)
+    assert all(np.all(np.isfinite(np.asarray(x, np.float64))) for x in jax.tree.leaves(state))
+
+
+def test_eco_bad_use_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs an AdamLike inner"):
+        eco(optax.scale_by_adam(), 1e-3)
+    with pytest.raises(ValueError, match="0 < b1 < 1"):
+        eco(lowbit_optax.scale_by_adam_like(b1=0.0), 1e-3)
+    with pytest.raises(ValueError, match="rounding must be"):
+        eco(lowbit_optax.scale_by_adam_like(), 1e-3, rounding="up")
+    tx = eco(lowbit_optax.scale_by_adam_like(), 1e-3)
+    p = {"w": jnp.ones((4,), jnp.bfloat16)}
+    with pytest.raises(ValueError, match="eco needs the params"):
+        tx.update(p, tx.init(p))
+
+
+def test_eco_and_compensation_resume_bit_exactly_from_an_orbax_checkpoint(tmp_path):
+    """compensated and ECO (stochastic, 8-bit moments) on bf16 params: 3 steps, a
+    checkpoint, 3 more equal 6 uninterrupted steps bit for bit."""
+    import orbax.checkpoint as ocp
+
+    rng = np.random.default_rng(4)
+    params0 = {"w": jnp.asarray(rng.standard_normal((64, 64)), jnp.bfloat16)}
+    target = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
+    grads = _quadratic_grads(target)
+    for i, tx in enumerate(
+        [
+            optax.chain(optax.adamw(1e-4), compensated()),
+            eco(lowbit_optax.scale_by_quantized_adam(min_size=0), 1e-4, rounding="stochastic"),
+        ]
+    ):
+        step = jax.jit(lambda p, s, tx=tx: tx.update(grads(p), s, p))
+
+        def train(params, state, n, step=step):
+            for _ in range(n):
+                u, state = step(params, state)
+                params = optax.apply_updates(params, u)
+            return params, state
+
+        full, _ = train(params0, tx.init(params0), 6)
+        mid = train(params0, tx.init(params0), 3)
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(tmp_path / f"ckpt{i}", args=ocp.args.StandardSave(mid))
+            like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), mid)
+            restored = ckptr.restore(tmp_path / f"ckpt{i}", args=ocp.args.StandardRestore(like))
+        resumed, _ = train(*restored, 3)
+        np.testing.assert_array_equal(np.asarray(resumed["w"]), np.asarray(full["w"]))
+        assert np.any(np.asarray(full["w"]) != np.asarray(params0["w"]))
+
+
+def test_inject_hyperparams_with_defaults():
+    """The weight transforms under optax.inject_hyperparams with no static_args."""
+    p = {"w": jnp.ones((4,), jnp.bfloat16)}
+    g = {"w": jnp.ones((4,), jnp.bfloat16)}
+    for factory in (stochastic_rounding, compensated):
+        tx = optax.inject_hyperparams(factory)()
+        tx.update(g, tx.init(p), p)
+    tx = optax.inject_hyperparams(eco)(lowbit_optax.scale_by_adam_like(), learning_rate=1e-3)
+    u, _ = tx.update(g, tx.init(p), p)
+    plain = eco(lowbit_optax.scale_by_adam_like(), learning_rate=1e-3)
+    want, _ = plain.update(g, plain.init(p), p)
+    np.testing.assert_array_equal(np.asarray(u["w"]), np.asarray(want["w"]))

@@ -44,6 +44,19 @@ How to read this:
   this one): 1.0 means every byte saved in the state is saved in the step.
 """
 
+WHOLE_MODEL_NOTES = """\
+The memory one training step needs on the device (compile-only, nothing allocated), in
+bytes per parameter, for whole training recipes rather than optimizers: *params* are
+the persistent weights (the bfloat16 copy plus the float32 master where there is one),
+*grads* the gradients at the params' dtype, *state* the exact optimizer state
+(`lowbit_optax.state_bytes`), and *total* XLA's planned peak of the donated training
+step (forward, backward, update; batch as above), so *transient* = total - params -
+grads - state is what remains: activations, XLA's temporaries (float32 copies included),
+the batch and the loss. The gradients are temporaries of the step and XLA may free some
+before others exist, so *transient* can be smaller than the activations, even negative."""
+
+WHOLE_MODEL_PARTS = ("params", "grads", "state", "transient")
+
 
 def clean_for_json(value: Any) -> Any:
     """Replaces non-finite floats by None (strict JSON), recursing into containers."""
@@ -101,6 +114,34 @@ def memory_rows(task: Results) -> list[list[str]]:
     return rows
 
 
+def has_whole_model(task: Results) -> bool:
+    """Whether a task's record has whole-model memory (the memory task's recipes)."""
+    return bool(task.get("whole_model", {}).get("recipes"))
+
+
+def whole_model_rows(task: Results) -> list[list[str]]:
+    """Header and one row per model and recipe of the memory task's whole-model records:
+    params, grads, state, transient and total, in bytes per parameter."""
+    recipes = task["whole_model"]["recipes"]
+    rows = [["model", "recipe", "weights", *WHOLE_MODEL_PARTS, "total"]]
+    for model in task["config"]["models"]:
+        for name, rec in recipes.items():
+            r = rec["models"].get(model)
+            cells = (
+                ["n/a"] * 5
+                if r is None
+                else [fmt(r[k], ".2f") for k in (*WHOLE_MODEL_PARTS, "total")]
+            )
+            rows.append([model, name, rec["storage"], *cells])
+    return rows
+
+
+def whole_model_errors(task: Results) -> list[str]:
+    """``recipe: status`` for every whole-model recipe that failed."""
+    recipes = task.get("whole_model", {}).get("recipes", {})
+    return [f"{n}: {r['status']}" for n, r in recipes.items() if r["status"] != "ok"]
+
+
 def table_rows(task: Results) -> list[list[str]]:
     """Header and one row per optimizer for a task's results."""
     if is_memory_task(task):
@@ -150,29 +191,44 @@ def errors(task: Results) -> list[str]:
     return [f"{n}: {r['status']}" for n, r in task["results"].items() if r["status"] != "ok"]
 
 
-def console_table(name: str, task: Results) -> str:
-    """A plain-text table of one task, with failures listed below it."""
-    rows = table_rows(task)
+def _plain(rows: list[list[str]], left: int = 1) -> list[str]:
+    """Plain-text lines of ``rows``, the first ``left`` columns left-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [f"== {name} =="]
-    for row in rows:
-        lines.append(
-            "  ".join(
-                c.rjust(w) if i else c.ljust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
+    return [
+        "  ".join(
+            c.rjust(w) if i >= left else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
         )
-    lines += errors(task)
+        for row in rows
+    ]
+
+
+def _markdown(rows: list[list[str]], left: int = 1) -> str:
+    """A GitHub markdown table of ``rows``, the first ``left`` columns left-aligned."""
+    lines = ["| " + " | ".join(rows[0]) + " |"]
+    lines.append("|" + "|".join(["---"] * left + ["---:"] * (len(rows[0]) - left)) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def console_table(name: str, task: Results) -> str:
+    """A plain-text table of one task, with failures listed below it (and the memory
+    task's whole-model table)."""
+    lines = [f"== {name} ==", *_plain(table_rows(task)), *errors(task)]
+    if has_whole_model(task):
+        lines += [f"-- {name}: whole model, bytes/param --"]
+        lines += [*_plain(whole_model_rows(task), left=3), *whole_model_errors(task)]
     return "\n".join(lines)
 
 
 def markdown_table(task: Results) -> str:
     """A GitHub markdown table of one task."""
-    rows = table_rows(task)
-    lines = ["| " + " | ".join(rows[0]) + " |"]
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    return "\n".join(lines)
+    return _markdown(table_rows(task))
+
+
+def whole_model_table(task: Results) -> str:
+    """A GitHub markdown table of the memory task's whole-model records."""
+    return _markdown(whole_model_rows(task), left=3)
 
 
 def summary_table(results: Results) -> str:
@@ -268,6 +324,8 @@ def markdown(results: Results) -> str:
         lines += [f"{k}: {config[k]}  " for k in ("model", "data", "schedule") if k in config]
         lines += ["", markdown_table(task), ""]
         lines += [f"- {e}" for e in errors(task)]
+        if has_whole_model(task):
+            lines += ["", *_whole_model_lines(task), ""]
         if "calibration" in config:
             lines += ["", *_calibration_lines(config["calibration"]), ""]
     for name, sweep in results.get("sweeps", {}).items():
@@ -380,6 +438,20 @@ def sweep_table(sweep: Results) -> str:
     return _optimizer_table([*(f"lr {lr:g}" for lr in sweep["lrs"]), "best lr"], rows)
 
 
+def _whole_model_lines(task: Results) -> list[str]:
+    wm = task["whole_model"]
+    lines = [
+        f"### Whole-model memory ({wm['wall_s']:.0f} s)",
+        "",
+        WHOLE_MODEL_NOTES,
+        "",
+        *(f"- `{name}`: {rec['description']}" for name, rec in wm["recipes"].items()),
+        "",
+        whole_model_table(task),
+    ]
+    return lines + [f"- {e}" for e in whole_model_errors(task)]
+
+
 def _calibration_lines(cal: Results) -> list[str]:
     rules = json.loads(cal["rules_json"])
     lines = [
@@ -405,7 +477,9 @@ def write_json(results: Results, path: Path) -> None:
 
 
 def plot(results: Results, path: Path) -> None:
-    """Loss curves per training task and state bytes/param bars, in one PNG."""
+    """Loss curves per training task and state bytes/param bars, in one PNG; below
+    them, when the memory task has whole-model records, one stacked bar chart per model
+    (params, grads, state, transient; one bar per recipe)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,17 +487,59 @@ def plot(results: Results, path: Path) -> None:
 
     tasks = results["tasks"]
     trained = [n for n, t in tasks.items() if any(r["curve"] for r in t["results"].values())]
-    fig, axes = plt.subplots(
-        1, len(trained) + 1, figsize=(5.5 * (len(trained) + 1), 4.2), squeeze=False
-    )
+    panels = [
+        (task_name, model)
+        for task_name, task in tasks.items()
+        if has_whole_model(task)
+        for model in task["config"]["models"]
+    ]
+    top = len(trained) + 1
+    if panels:
+        width = max(5.5 * top, 6.0 * len(panels))
+        fig = plt.figure(figsize=(width, 4.2 + 5.4), layout="constrained")
+        upper, lower = fig.subfigures(2, 1, height_ratios=[4.2, 5.4])
+        axes = upper.subplots(1, top, squeeze=False)
+        wm_axes = lower.subplots(1, len(panels), squeeze=False)[0]
+    else:
+        fig, axes = plt.subplots(1, top, figsize=(5.5 * top, 4.2), squeeze=False)
     names = list(dict.fromkeys(n for t in tasks.values() for n in t["results"]))
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     for ax, task_name in zip(axes[0], trained, strict=False):
         _plot_curves(ax, task_name, tasks[task_name], colors)
     _plot_state_bars(axes[0][-1], tasks, names, colors)
-    fig.tight_layout()
+    if panels:
+        several = len({task_name for task_name, _ in panels}) > 1
+        for ax, (task_name, model) in zip(wm_axes, panels, strict=True):
+            title = f"{task_name}: {model}" if several else model
+            _plot_whole_model(ax, title, tasks[task_name]["whole_model"]["recipes"], model)
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_whole_model(ax: Any, title: str, recipes: Results, model: str) -> None:
+    """One bar per recipe: params, grads, state and transient stacked, total on top (a
+    negative transient is drawn hatched, downward from the top of the state)."""
+    rows = [(name, rec["models"][model]) for name, rec in recipes.items() if model in rec["models"]]
+    xs = list(range(len(rows)))
+    bottom = [0.0] * len(rows)
+    colors = dict(zip(WHOLE_MODEL_PARTS, ("#4c72b0", "#55a868", "#dd8452", "#8c8c8c"), strict=True))
+    for part in WHOLE_MODEL_PARTS:
+        heights = [r[part] for _, r in rows]
+        bars = ax.bar(xs, heights, 0.7, bottom=bottom, color=colors[part], label=part)
+        for bar, h in zip(bars, heights, strict=True):
+            if h < 0:
+                bar.set_hatch("//")
+                bar.set_edgecolor("black")
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    for x, (_, r) in zip(xs, rows, strict=True):
+        stacked = r["params"] + r["grads"] + r["state"] + max(r["transient"], 0.0)
+        ax.text(x, stacked, f"{r['total']:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs, [name for name, _ in rows], rotation=35, ha="right", fontsize=7)
+    ax.set(title=f"{title}: whole model, one training step", ylabel="bytes / parameter")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
 
 
 def _plot_curves(ax: Any, task_name: str, task: Results, colors: dict[str, Any]) -> None:
