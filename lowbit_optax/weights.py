@@ -308,8 +308,13 @@ def eco(
     ``k >= 0`` (with that step's denominators held) that is ``e``: the lost displacement
     comes back in full, spread over the momentum's memory. The paper (arXiv 2601.22101)
     injects ``e`` into the momentum of SGD with momentum and of Adam with the same aim
-    (the master-weight trajectory without the master weights).
-    **Decisions:** the gain uses the denominator and bias correction at the step of
+    (the master-weight trajectory without the master weights). Following that trajectory
+    exactly would need ``m <- m - e_t / (eta b1) + e_(t-1) / eta`` (with SGD's momentum
+    ``W <- W - eta m``): the previous step's error, a buffer of the weights' size.
+    **Decisions:** the gain returns ``e`` once in total (no buffer); with nearest rounding
+    a displacement then waits in the momentum until a step exceeds half a unit in the
+    last place (a lag of about that over ``1 - b1`` units), stochastic rounding releases it
+    on average at once; the gain uses the denominator and bias correction at the step of
     injection (the next steps' values are not known yet, and move slowly); steps with
     ``eta_t = 0`` inject nothing; a non-finite ``e`` injects nothing; quantized moments
     are decoded, corrected and encoded again by ``inner``'s ``MomentAccess`` (one more

@@ -609,3 +609,58 @@ def test_update_task_runs_on_bfloat16_params() -> None:
         r = record["results"][name]
         assert r["status"] == "ok" and r["update_ms"] > 0, r
         assert r["num_params"] * 2 * 2 <= r["state_bytes"] <= r["num_params"] * 2 * 2 + 16
+
+
+def test_lm_task_in_bfloat16_stores_and_computes_in_it() -> None:
+    """``--param-dtype bfloat16`` on lm: bf16 params, and every matrix product of the
+    gradient's program on bf16 operands (nnx.Embed's own float32 dtype would cast them
+    all up), also when float32 master weights are passed in."""
+    import jax.numpy as jnp
+
+    from lowbit_optax.bench import tasks
+
+    problem = tasks.LMTask().problem(tasks.Settings(quick=True, param_dtype="bfloat16"))
+    assert {x.dtype for x in jax.tree.leaves(problem.params)} == {jnp.dtype(jnp.bfloat16)}
+    batch = next(problem.batches)
+    master = jax.tree.map(lambda x: x.astype(jnp.float32), problem.params)
+    for params in (problem.params, master):
+        text = jax.jit(jax.grad(problem.loss_fn)).lower(params, batch).as_text()
+        dots = [line for line in text.splitlines() if "dot_general" in line]
+        # a bf16 operand in each (attention takes its softmax's float32 probabilities)
+        assert dots and all("bf16>" in d.split("->")[0] for d in dots), dots[:2]
+
+
+def test_master_weights_follow_float32_adamw() -> None:
+    """registry.master_weights(optax.adamw): the bf16 params are, after every step, the
+    bf16 rounding of float32 AdamW run on float32 weights whose gradients are taken at
+    their bf16 rounding (the mixed-precision recipe), exactly."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    target = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
+    grad = jax.grad(lambda p: jnp.sum((p["w"].astype(jnp.float32) - target) ** 2))
+    # the master starts as the bf16 params
+    p32 = {"w": jnp.asarray(rng.standard_normal((8, 16)), jnp.bfloat16).astype(jnp.float32)}
+    ref_tx = optax.adamw(1e-2)
+    ref_state = ref_tx.init(p32)
+    tx = registry.master_weights(optax.adamw(1e-2))
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
+    state = tx.init(params)
+    for _ in range(5):
+        g = grad(jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32))
+        u, ref_state = ref_tx.update(
+            jax.tree.map(lambda x: x.astype(jnp.float32), g), ref_state, p32
+        )
+        p32 = optax.apply_updates(p32, u)
+        u, state = tx.update(grad(params), state, params)
+        params = optax.apply_updates(params, u)
+        assert params["w"].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(
+            np.asarray(params["w"]), np.asarray(p32["w"].astype(jnp.bfloat16))
+        )
+    # float32_moments: adamw's moments stay float32 on bf16 params and grads
+    tx = registry.float32_moments(optax.adamw(1e-2))
+    state = tx.init(params)
+    _, state = tx.update(grad(params), state, params)
+    assert {x.dtype for x in jax.tree.leaves(state[0].mu)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state[0].nu)} == {jnp.dtype(jnp.float32)}

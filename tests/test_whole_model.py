@@ -66,6 +66,15 @@ def test_breakdown_sums_to_compiled_peak(records: dict[str, dict[str, Any]]) -> 
         assert parts == pytest.approx(r["total"], rel=1e-12), name
         assert r["param_bytes"] + r["state_bytes"] <= peak  # both are arguments
         assert r["compile_s"] > 0
+        # the update alone: params, state and grads are its arguments
+        up = r["update"]
+        assert r["update_peak"] * n == pytest.approx(
+            up["argument_bytes"] + up["output_bytes"] - up["alias_bytes"] + up["temp_bytes"]
+        )
+        assert r["update_peak"] >= r["params"] + r["grads"] + r["state"] - 1e-9, name
+        assert r["update_transient"] == pytest.approx(
+            r["update_peak"] - r["params"] - r["grads"] - r["state"]
+        )
 
 
 @pytest.mark.slow
@@ -180,6 +189,7 @@ def test_stacked_chart_draws_a_negative_transient(tmp_path: Path) -> None:
         "state": 2.0,
         "transient": -0.5,
         "total": 5.5,
+        "update_peak": 6.25,
     }
     task = {
         "config": {"models": {"m": {}}},
@@ -205,6 +215,7 @@ def test_stacked_chart_draws_a_negative_transient(tmp_path: Path) -> None:
         "2.00",
         "-0.50",
         "5.50",
+        "6.25",
     ]
     report.plot({"tasks": {"memory": task}}, tmp_path / "results.png")
     assert (tmp_path / "results.png").stat().st_size > 0

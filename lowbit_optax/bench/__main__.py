@@ -60,8 +60,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--param-dtype",
         choices=("float32", "bfloat16"),
         default="float32",
-        help="dtype of the update task's params and gradients (bfloat16: to time "
-        "stochastic_rounding, whose work is on low-precision params only)",
+        help="dtype of the params and gradients of the update, lm and mlp_lm tasks "
+        "(bfloat16: the model computes in it; for the weight transforms of "
+        "lowbit_optax.weights, whose work is on low-precision params only)",
     )
     parser.add_argument(
         "--calibrate",

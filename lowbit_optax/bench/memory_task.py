@@ -43,7 +43,8 @@ class MemoryTask:
     the state is saved in the step).
 
     Then, under the record's ``whole_model`` key, every recipe of ``recipes`` (the
-    optimizers are not used there): what one training step needs on each model, split
+    optimizers are not used there; ``--quick`` with the default recipes: those of
+    ``QUICK_RECIPES``): what one training step needs on each model, split
     into params, grads, optimizer state and transient (``whole_model_memory``).
     """
 
@@ -102,31 +103,38 @@ class MemoryTask:
         _compare_to_reference(trials)
         config["num_params"] = next(iter(config["models"].values()))["num_params"]
         record = {"config": config, "results": {t.name: t.record for t in trials}}
-        if self.recipes:
-            record["whole_model"] = self.run_whole_model(configs, batch_len, lr)
+        recipes = self.recipes
+        if settings.quick and recipes is RECIPES:  # --quick: two of the default recipes
+            recipes = tuple(r for r in recipes if r.name in QUICK_RECIPES)
+        if recipes:
+            record["whole_model"] = self.run_whole_model(recipes, configs, batch_len, lr)
         return record
 
     def run_whole_model(
-        self, configs: Mapping[str, models.LMConfig], batch_len: tuple[int, int], lr: float
+        self,
+        recipes: Sequence[Recipe],
+        configs: Mapping[str, models.LMConfig],
+        batch_len: tuple[int, int],
+        lr: float,
     ) -> Record:
         """``{"wall_s", "recipes": {name: {"description", "storage", "status", "models":
         {model: whole_model_memory(...)}}}}`` for every recipe on every model."""
         start = time.perf_counter()
-        recipes: Record = {
+        records: Record = {
             r.name: {
                 "description": r.description,
                 "storage": r.storage,
                 "status": "ok",
                 "models": {},
             }
-            for r in self.recipes
+            for r in recipes
         }
         tokens = jax.ShapeDtypeStruct(batch_len, jnp.int32)
-        total = len(self.recipes) * len(configs)
+        total = len(recipes) * len(configs)
         with tqdm(total=total, desc=f"{self.name}: whole model", leave=False) as bar:
             for model_name, cfg in configs.items():
-                for recipe in self.recipes:
-                    rec = recipes[recipe.name]
+                for recipe in recipes:
+                    rec = records[recipe.name]
                     bar.set_postfix_str(f"{model_name}: {recipe.name}")
                     if rec["status"] == "ok":
                         try:
@@ -136,7 +144,7 @@ class MemoryTask:
                         except Exception as err:  # one recipe failing must not end the run
                             rec["status"] = describe_error(err)
                     bar.update()
-        return {"wall_s": time.perf_counter() - start, "recipes": recipes}
+        return {"wall_s": time.perf_counter() - start, "recipes": records}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +238,9 @@ RECIPES: tuple[Recipe, ...] = (
 precision, and bfloat16 weights without a master copy (stochastic rounding, Kahan
 compensation or ECO after an optimizer with quantized state)."""
 
+QUICK_RECIPES = ("adamw f32", "adamw_8bit bf16 + SR")
+"""The recipes ``--quick`` compiles (the default run compiles them all)."""
+
 
 def whole_model_memory(recipe: Recipe, cfg: models.LMConfig, batch: Batch, lr: float) -> Record:
     """What one donated training step of ``recipe`` needs, split per parameter.
@@ -255,8 +266,11 @@ def whole_model_memory(recipe: Recipe, cfg: models.LMConfig, batch: Batch, lr: f
     Returns:
       A record: ``num_params``, the byte counts (``param_bytes``, ``grad_bytes``,
       ``state_bytes``, ``peak_bytes``), the same per parameter (``params``, ``grads``,
-      ``state``, ``transient``, ``total``), XLA's figures (``train_step``) and the
-      compile time (``compile_s``).
+      ``state``, ``transient``, ``total``), the planned peak of the donated update
+      alone ``(params[, master], state, grads) -> (params[, master], state)`` per
+      parameter (``update_peak``: the device's memory at the optimizer step, once the
+      activations are freed) and its ``update_transient`` (the update's temporaries),
+      XLA's figures (``train_step``, ``update``) and the compile time (``compile_s``).
     """
     weights, loss_fn = _abstract_lm(cfg, recipe.param_dtype)
     master = _cast(weights, jnp.float32) if recipe.master else None
@@ -274,9 +288,23 @@ def whole_model_memory(recipe: Recipe, cfg: models.LMConfig, batch: Batch, lr: f
         params = jax.tree.map(lambda m, p: m.astype(p.dtype), master, params)
         return params, master, state, loss
 
+    def update(params, master, state, grads):
+        """The optimizer's step alone: what the device holds once the activations are
+        gone (params, grads, state and the update's temporaries)."""
+        if master is None:
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), None, state
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        updates, state = tx.update(grads, state, master)
+        master = optax.apply_updates(master, updates)
+        return jax.tree.map(lambda m, p: m.astype(p.dtype), master, params), master, state
+
     start = time.perf_counter()
     mem = lowbit_optax.compiled_memory(
         train_step, weights, master, state, batch, donate_argnums=(0, 1, 2)
+    )
+    update_mem = lowbit_optax.compiled_memory(
+        update, weights, master, state, weights, donate_argnums=(0, 1, 2)
     )
     compile_s = time.perf_counter() - start
     n = num_params(weights)
@@ -295,7 +323,10 @@ def whole_model_memory(recipe: Recipe, cfg: models.LMConfig, batch: Batch, lr: f
         "state": opt_bytes / n,
         "transient": (peak - param_bytes - grad_bytes - opt_bytes) / n,
         "total": peak / n,
+        "update_peak": update_mem.peak_bytes / n,
+        "update_transient": (update_mem.peak_bytes - param_bytes - grad_bytes - opt_bytes) / n,
         "train_step": dataclasses.asdict(mem),
+        "update": dataclasses.asdict(update_mem),
         "compile_s": compile_s,
     }
 

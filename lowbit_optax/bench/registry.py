@@ -11,9 +11,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import lowbit_optax
@@ -197,6 +198,122 @@ register(
     "lowbit_optax.adamw_8bit, then lowbit_optax.stochastic_rounding (bf16 params)",
     tasks=("update",),
 )
+
+
+# ---- bfloat16 weights on lm (--param-dtype bfloat16) ----------------------------------
+# The params and grads are bf16 there; the reference ``adamw`` keeps its moments in bf16
+# too (optax.scale_by_adam's state follows the params' dtype). The recipes below keep
+# float32 Adam moments, so that only the weights' storage and rounding differ.
+
+
+def _float32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def float32_moments(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` fed float32 gradients and initialised on float32 params, so that its
+    moments are float32 whatever the params' dtype (optax.scale_by_adam keeps them in
+    the params' dtype)."""
+    return optax.GradientTransformation(
+        lambda params: inner.init(_float32(params)),
+        lambda updates, state, params=None: inner.update(_float32(updates), state, params),
+    )
+
+
+class MasterWeightsState(NamedTuple):
+    master: Any
+    inner_state: Any
+
+
+def master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The mixed-precision recipe as a transform: a float32 master copy of the params
+    in the state (4 bytes per parameter), ``inner`` run on it with float32 gradients,
+    and the emitted update ``bf16(master_new) - params`` (exact in float32), so that
+    ``optax.apply_updates`` writes the master's rounding into the bf16 params."""
+
+    def init_fn(params):
+        master = _float32(params)
+        return MasterWeightsState(master, inner.init(master))
+
+    def update_fn(updates, state, params=None):
+        u, inner_state = inner.update(_float32(updates), state.inner_state, state.master)
+        master = optax.apply_updates(state.master, u)
+        out = jax.tree.map(
+            lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32),
+            master,
+            params,
+        )
+        return out, MasterWeightsState(master, inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _adamw_f32m(lr, **kwargs):
+    return float32_moments(optax.adamw(lr, **{"weight_decay": WEIGHT_DECAY, **kwargs}))
+
+
+def _with(make: Factory, last: Callable[[], optax.GradientTransformation]) -> Factory:
+    return lambda lr, **kwargs: optax.chain(make(lr, **kwargs), last())
+
+
+def _float32_adam_like() -> lowbit_optax.AdamLike:
+    """``scale_by_adam_like()`` with float32 moments on bf16 params."""
+    inner = lowbit_optax.scale_by_adam_like()
+    tx = float32_moments(inner)
+    return lowbit_optax.AdamLike(tx.init, tx.update, inner.moments)
+
+
+def _eco(inner: Callable[[], Any], rounding: str) -> Factory:
+    return lambda lr, **kwargs: lowbit_optax.eco(
+        inner(), lr, **{"weight_decay": WEIGHT_DECAY, **kwargs}, rounding=rounding
+    )
+
+
+_LM = ("lm", "mlp_lm")
+for _name, _make, _text in [
+    (
+        "adamw_master",
+        lambda lr, **kw: master_weights(optax.adamw(lr, **{"weight_decay": WEIGHT_DECAY, **kw})),
+        "optax.adamw on float32 master weights of the bf16 params (mixed precision)",
+    ),
+    ("adamw_bf16", _adamw_f32m, "optax.adamw, float32 moments, bf16 params rounded to nearest"),
+    (
+        "adamw_bf16_sr",
+        _with(_adamw_f32m, lowbit_optax.stochastic_rounding),
+        "optax.adamw (float32 moments), then lowbit_optax.stochastic_rounding",
+    ),
+    (
+        "adamw_bf16_kahan",
+        _with(_adamw_f32m, lowbit_optax.compensated),
+        "optax.adamw (float32 moments), then lowbit_optax.compensated (bf16 buffer)",
+    ),
+    (
+        "adamw_bf16_eco",
+        _eco(_float32_adam_like, "nearest"),
+        "lowbit_optax.eco(scale_by_adam_like()), float32 moments, nearest rounding",
+    ),
+    (
+        "adamw_bf16_eco_sr",
+        _eco(_float32_adam_like, "stochastic"),
+        "lowbit_optax.eco(scale_by_adam_like(), rounding='stochastic'), float32 moments",
+    ),
+    (
+        "adamw_8bit_bf16_sr",
+        _with(_alias(lowbit_optax.adamw_8bit), lowbit_optax.stochastic_rounding),
+        "lowbit_optax.adamw_8bit, then lowbit_optax.stochastic_rounding",
+    ),
+    (
+        "adamw_8bit_bf16_eco_sr",
+        _eco(lowbit_optax.scale_by_quantized_adam, "stochastic"),
+        "lowbit_optax.eco(scale_by_quantized_adam(), rounding='stochastic'): 8-bit moments",
+    ),
+    (
+        "solo_adamw_4_2_bf16_sr",
+        _with(_alias(lowbit_optax.solo_adamw, bits=(4, 2)), lowbit_optax.stochastic_rounding),
+        "lowbit_optax.solo_adamw(bits=(4, 2)), then lowbit_optax.stochastic_rounding",
+    ),
+]:
+    register(_name, _make, f"{_text} [--param-dtype bfloat16]", tasks=_LM)
 
 # ---- quantized EMA state ---------------------------------------------------------------
 register(

@@ -121,16 +121,18 @@ def has_whole_model(task: Results) -> bool:
 
 def whole_model_rows(task: Results) -> list[list[str]]:
     """Header and one row per model and recipe of the memory task's whole-model records:
-    params, grads, state, transient and total, in bytes per parameter."""
+    params, grads, state, transient and total of the training step, and the update's
+    own peak (params + grads + state + the update's temporaries), in bytes per
+    parameter."""
     recipes = task["whole_model"]["recipes"]
-    rows = [["model", "recipe", "weights", *WHOLE_MODEL_PARTS, "total"]]
+    rows = [["model", "recipe", "weights", *WHOLE_MODEL_PARTS, "total", "update peak"]]
     for model in task["config"]["models"]:
         for name, rec in recipes.items():
             r = rec["models"].get(model)
             cells = (
-                ["n/a"] * 5
+                ["n/a"] * 6
                 if r is None
-                else [fmt(r[k], ".2f") for k in (*WHOLE_MODEL_PARTS, "total")]
+                else [fmt(r.get(k), ".2f") for k in (*WHOLE_MODEL_PARTS, "total", "update_peak")]
             )
             rows.append([model, name, rec["storage"], *cells])
     return rows

@@ -65,7 +65,7 @@ class Settings:
     calibrate: bool = False
     calibrate_steps: int = 400
     time_updates: bool = True
-    param_dtype: str = "float32"  # the ``update`` task's params and gradients
+    param_dtype: str = "float32"  # params and gradients of the update, lm and mlp_lm tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -551,9 +551,19 @@ class LMTask(TrainingTask):
         cfg = self.model_config(settings.quick)
         text = data.pydoc_text()
         model = self.model(cfg, rngs=nnx.Rngs(settings.seed))
+        # bfloat16: the params are stored in it and every layer computes in it (an
+        # optimizer keeping float32 master weights passes them cast here); nnx.Embed
+        # would otherwise cast its table to its float32 dtype, and its float32 output
+        # would cast every kernel up
+        dtype = jnp.dtype(settings.param_dtype)
+        if dtype != jnp.float32:
+            for _, module in nnx.iter_modules(model):
+                if hasattr(module, "dtype"):
+                    module.dtype = dtype
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss_fn(p: Any, batch: Batch) -> jax.Array:
+            p = jax.tree.map(lambda x: x.astype(dtype), p)
             return models.lm_loss(nnx.merge(graphdef, p, rest), *batch)
 
         n_eval = 2 if settings.quick else self.eval_batches
@@ -568,12 +578,13 @@ class LMTask(TrainingTask):
 
         config = {
             "model": {"class": self.model.__name__, **dataclasses.asdict(cfg)},
+            "param_dtype": settings.param_dtype,
             "data": "pydoc_data.topics bytes, last 10% held out",
             "batch_size": self.batch_size,
             "eval_tokens": len(eval_data) * self.eval_batch_size * cfg.seq_len,
         }
         return Problem(
-            params=nnx.to_pure_dict(params),
+            params=jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(params)),
             loss_fn=loss_fn,
             evaluate=evaluate,
             batches=data.lm_batches(text.train, self.batch_size, cfg.seq_len, settings.seed),
