@@ -100,6 +100,15 @@ def _sr(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     return round_stochastically(x, dtype, hash_uniform(key, x.shape))
 
 
+def _nearest_bf16(x: jax.Array) -> jax.Array:
+    """Float32 ``x`` rounded to the nearest bfloat16 (ties to even), as float32, by bits:
+    the same values as ``x.astype(bfloat16)`` for finite ``x``."""
+    raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    lsb = (raw >> 16) & jnp.uint32(1)
+    up = (raw + jnp.uint32(0x7FFF) + lsb) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(up, jnp.float32)
+
+
 def _seed(key: Any) -> int:
     key = static_arg("key", key, 0)
     if not isinstance(key, int) or isinstance(key, bool):
@@ -255,9 +264,15 @@ def compensated() -> optax.GradientTransformation:
             pf = p.astype(jnp.float32)
             x = pf + (u.astype(jnp.float32) + c.astype(jnp.float32))
             new = x.astype(p.dtype).astype(jnp.float32)
-            lost = jnp.where(jnp.isfinite(x) & jnp.isfinite(new), x - new, 0.0)
-            out.append(new - pf)
-            comp.append(lost.astype(c.dtype))
+            # the same rounding written another way for the compensation, so that XLA
+            # recomputes it there instead of keeping the rounded sum of every leaf
+            near = _nearest_bf16(x) if p.dtype == jnp.bfloat16 else new
+            lost = jnp.where(jnp.isfinite(x) & jnp.isfinite(near), x - near, 0.0).astype(c.dtype)
+            # 0 * lost (finite, so exactly 0) makes the new weight read the new
+            # compensation: XLA then computes the compensation first, while the donated
+            # weight is still there, instead of copying the weight to read it later
+            out.append((new - pf) + 0.0 * lost.astype(jnp.float32))
+            comp.append(lost)
         return treedef.unflatten(out), CompensatedState(treedef.unflatten(comp))
 
     return optax.GradientTransformation(init_fn, update_fn)

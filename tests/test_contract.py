@@ -874,10 +874,10 @@ _TEMP_XFAIL = {
     "sparse_mfac": f"17.3 B/param: {_WINDOW_TEMP}",
     "ggt": f"8.06 B/param: {_WINDOW_TEMP}",
     "sparse_ggt": f"17.3 B/param: {_WINDOW_TEMP}",
-    "adamw_compensated": "4.12 B/param on bf16 params: XLA on CPU computes the new "
-    "weight and the new compensation in two passes over each leaf (no multi-output "
-    "fusion), and the first overwrites the donated weight the second reads: a copy of "
-    "the weights and the rounded sum stay alive between them",
+    "adamw_compensated": "4.00 B/param on bf16 params: the new weight reads the old "
+    "compensation and the new compensation the old weight, each written over the other's "
+    "input; XLA on CPU has no multi-output fusion, so it keeps a copy of the compensation "
+    "and the update both of them read (2 + 2 B/param)",
     "eco(scale_by_quantized_adam, rounding='stochastic')": "9.89 B/param on bf16 params: "
     "the inner transform's whole update tree (float32) exists before the rounding pass, "
     "which decodes each leaf's moments again and encodes the corrected first moment",
