@@ -124,6 +124,14 @@ def _narrow(p: Any) -> bool:
     )
 
 
+def _needs_params(name: str, params: Any) -> None:
+    if params is None:
+        raise ValueError(
+            f"{name} needs the params (it rounds p + u): call "
+            "tx.update(updates, state, params), with this transform last in the chain"
+        )
+
+
 def stochastic_rounding(key: int | None = None) -> optax.GradientTransformation:
     """Makes ``optax.apply_updates`` round low-precision params stochastically.
 
@@ -163,11 +171,7 @@ def stochastic_rounding(key: int | None = None) -> optax.GradientTransformation:
         return StochasticRoundingState(jax.random.key_data(jax.random.key(key)))
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "stochastic_rounding needs the params (it rounds p + u): call "
-                "tx.update(updates, state, params), with this transform last in the chain"
-            )
+        _needs_params("stochastic_rounding", params)
         step_key, next_key = jax.random.split(jax.random.wrap_key_data(state.key))
         leaves, treedef = jax.tree.flatten(updates)
         p_leaves = treedef.flatten_up_to(params)
@@ -183,14 +187,6 @@ def stochastic_rounding(key: int | None = None) -> optax.GradientTransformation:
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _needs_params(name: str, params: Any) -> None:
-    if params is None:
-        raise ValueError(
-            f"{name} needs the params (it rounds p + u): call "
-            "tx.update(updates, state, params), with this transform last in the chain"
-        )
 
 
 class CompensatedState(NamedTuple):

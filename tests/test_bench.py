@@ -225,7 +225,7 @@ def test_every_registered_optimizer_builds_and_inits() -> None:
         tx = spec.factory()(optax.constant_schedule(1e-3))
         state = jax.eval_shape(tx.init, abstract)
         assert jax.tree.leaves(state), name
-        assert spec.tasks is None or set(spec.tasks) <= set(TASKS), name
+        assert spec.tasks is None or set(spec.tasks) <= set(cli.TASK_NAMES), name
     assert set(QUICK) <= set(registry.names())
 
 

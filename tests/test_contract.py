@@ -379,30 +379,22 @@ REGISTRY += [
 # ---- low-precision weights (lowbit_optax.weights) -------------------------------------
 
 
-def _adamw_sr(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    weight_decay: float = 1e-4,
-) -> optax.GradientTransformation:
-    """optax.adamw with its updates of bf16 params rounded stochastically."""
-    return optax.chain(
-        optax.adamw(learning_rate, b1, b2, weight_decay=weight_decay),
-        lowbit_optax.stochastic_rounding(),
-    )
+def _adamw_then(last: Callable[[], optax.GradientTransformation]) -> Callable[..., Any]:
+    """A factory: optax.adamw, then ``last()`` on the updates of bf16 params."""
+
+    def factory(
+        learning_rate: optax.ScalarOrSchedule,
+        b1: float = 0.9,
+        b2: float = 0.999,
+        weight_decay: float = 1e-4,
+    ) -> optax.GradientTransformation:
+        return optax.chain(optax.adamw(learning_rate, b1, b2, weight_decay=weight_decay), last())
+
+    return factory
 
 
-def _adamw_compensated(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    weight_decay: float = 1e-4,
-) -> optax.GradientTransformation:
-    """optax.adamw with Kahan-compensated updates of bf16 params."""
-    return optax.chain(
-        optax.adamw(learning_rate, b1, b2, weight_decay=weight_decay),
-        lowbit_optax.compensated(),
-    )
+_adamw_sr = _adamw_then(lowbit_optax.stochastic_rounding)
+_adamw_compensated = _adamw_then(lowbit_optax.compensated)
 
 
 def _eco_8bit(

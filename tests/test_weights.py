@@ -272,9 +272,7 @@ def test_eco_injects_the_rounding_error_into_the_first_moment():
     got_new = np.asarray(optax.apply_updates(params, updates)["w"], np.float64)
     np.testing.assert_array_equal(got_new, new)
     assert np.any(e != 0)
-    np.testing.assert_allclose(
-        np.asarray(state.inner_state.mu["w"]), want_m, rtol=2e-5, atol=1e-9
-    )
+    np.testing.assert_allclose(np.asarray(state.inner_state.mu["w"]), want_m, rtol=2e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("inner", ["float32", "8bit"])

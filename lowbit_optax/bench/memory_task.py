@@ -43,7 +43,7 @@ class MemoryTask:
     the state is saved in the step).
 
     Then, under the record's ``whole_model`` key, every recipe of ``recipes`` (the
-    optimizers are not used there; ``--quick`` with the default recipes: those of
+    optimizers are not used there; ``--quick`` with the default recipes: that of
     ``QUICK_RECIPES``): what one training step needs on each model, split
     into params, grads, optimizer state and transient (``whole_model_memory``).
     """
@@ -238,7 +238,7 @@ RECIPES: tuple[Recipe, ...] = (
 precision, and bfloat16 weights without a master copy (stochastic rounding, Kahan
 compensation or ECO after an optimizer with quantized state)."""
 
-QUICK_RECIPES = ("adamw f32", "adamw_8bit bf16 + SR")
+QUICK_RECIPES = ("adamw_8bit bf16 + SR",)
 """The recipes ``--quick`` compiles (the default run compiles them all)."""
 
 
