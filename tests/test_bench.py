@@ -227,6 +227,9 @@ def test_every_registered_optimizer_builds_and_inits() -> None:
         assert jax.tree.leaves(state), name
         assert spec.tasks is None or set(spec.tasks) <= set(cli.TASK_NAMES), name
     assert set(QUICK) <= set(registry.names())
+    # the bf16 weight recipes run only when named (float32 params pass through them)
+    assert "adamw_master" not in registry.default_names()
+    assert registry.default_names()[0] == registry.REFERENCE
 
 
 def test_lr_scale_scales_floats_and_schedules() -> None:

@@ -49,7 +49,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--optimizers",
         metavar="NAME,...",
-        help="registered optimizer names (default: all registered; "
+        help="registered optimizer names (default: all registered but the bf16 weight "
+        "recipes, which run only when named; "
         f"{registry.REFERENCE} is always included as the reference)",
     )
     parser.add_argument("--steps", type=int, help="override every task's default step count")
@@ -123,7 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [t for t in args.task if t not in TASK_NAMES]
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASK_NAMES)}")
-    requested = _split([args.optimizers]) if args.optimizers else registry.names()
+    requested = _split([args.optimizers]) if args.optimizers else registry.default_names()
     try:
         for name in requested:
             registry.get(name)

@@ -35,6 +35,7 @@ class OptimizerSpec:
     event_period: int | Callable[[Mapping[str, Any]], int] | None = None
     tasks: tuple[str, ...] | None = None
     lr_scale: float = 1.0
+    default: bool = True
 
     def factory(self, **overrides: Any) -> Factory:
         """``make`` with the task's learning rate (a float or a schedule) times
@@ -66,6 +67,7 @@ def register(
     event_period: int | Callable[[Mapping[str, Any]], int] | None = None,
     tasks: tuple[str, ...] | None = None,
     lr_scale: float = 1.0,
+    default: bool = True,
 ) -> None:
     """Adds an optimizer under ``name`` (must be new). ``takes_rules``: ``make`` also
     accepts ``rules=`` (SlimAdam's per-leaf axes), which ``--calibrate`` supplies.
@@ -75,13 +77,15 @@ def register(
     returns its period (one that ``--set update_interval=...`` changes).
     ``tasks``: the only tasks it runs on (a dense window over 25M parameters does not
     fit); ``lr_scale``: its learning rate is the task's times this (SGD-type updates
-    want a much larger step than Adam's), noted in the description."""
+    want a much larger step than Adam's), noted in the description; ``default``: it
+    runs without ``--optimizers`` (False: only when named, e.g. the bf16 weight recipes,
+    which pass float32 params through)."""
     if name in _REGISTRY:
         raise ValueError(f"optimizer {name!r} is already registered")
     if lr_scale != 1.0:
         description = f"{description} [lr x{lr_scale:g} the task's]"
     _REGISTRY[name] = OptimizerSpec(
-        name, make, description, baseline, takes_rules, event_period, tasks, lr_scale
+        name, make, description, baseline, takes_rules, event_period, tasks, lr_scale, default
     )
 
 
@@ -148,6 +152,11 @@ def names() -> list[str]:
     return [REFERENCE] + [n for n in _REGISTRY if n != REFERENCE]
 
 
+def default_names() -> list[str]:
+    """The names a run without ``--optimizers`` uses: those registered as ``default``."""
+    return [n for n in names() if _REGISTRY[n].default]
+
+
 def _alias(fn: Callable[..., optax.GradientTransformation], **defaults: Any) -> Factory:
     """``make(lr, **kwargs)``: ``fn(lr, **defaults, **kwargs)`` with the benchmark's
     weight decay (a keyword of every alias); ``kwargs`` win (``--set``, ``--sweep``)."""
@@ -191,12 +200,14 @@ register(
     _then_sr(_alias(optax.adamw)),
     "optax.adamw, then lowbit_optax.stochastic_rounding (bf16 params)",
     tasks=("update",),
+    default=False,
 )
 register(
     "adamw_8bit_sr",
     _then_sr(_alias(lowbit_optax.adamw_8bit)),
     "lowbit_optax.adamw_8bit, then lowbit_optax.stochastic_rounding (bf16 params)",
     tasks=("update",),
+    default=False,
 )
 
 
@@ -313,7 +324,7 @@ for _name, _make, _text in [
         "lowbit_optax.solo_adamw(bits=(4, 2)), then lowbit_optax.stochastic_rounding",
     ),
 ]:
-    register(_name, _make, f"{_text} [--param-dtype bfloat16]", tasks=_LM)
+    register(_name, _make, f"{_text} [--param-dtype bfloat16]", tasks=_LM, default=False)
 
 # ---- quantized EMA state ---------------------------------------------------------------
 register(
