@@ -1,12 +1,17 @@
 """Train a byte-level transformer LM on CPython's pydoc text with a lowbit_optax optimizer.
 
-Self-contained: it imports only lowbit_optax, optax, flax, orbax, numpy, tqdm and the
+Self-contained: it imports only lowbit_optax, jax, optax, flax, orbax, numpy, tqdm and the
 standard library, so it can be copied into a project as it is. A Flax NNX model and
 ``nnx.Optimizer``, an ``nnx.jit`` train step with donated buffers, periodic held-out eval
 loss, the optimizer state's memory report at start, and orbax-checkpoint checkpoints that
 resume exactly: the batch for step ``s`` is drawn from ``numpy.random.default_rng((seed,
 s))``, so the data stream depends only on (seed, step) and a resumed run sees the same
 batches, and ends with bit-identical parameters, as an uninterrupted one.
+
+Standalone: copied alone into an empty directory, it runs from there (``python train_lm.py
+--steps 5 --depth 1 --width 32 --heads 2 --seq-len 32``); it reads nothing of this
+repository but the installed lowbit_optax. ``train_multihost.py`` imports it from its own
+folder.
 
 Usage::
 

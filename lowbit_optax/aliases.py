@@ -79,8 +79,10 @@ def adamw_8bit(
       >>> params = {"w": jnp.ones((256, 256))}
       >>> tx = adamw_8bit(1e-3)
       >>> state = tx.init(params)
-      >>> updates, state = tx.update(params, state, params)
+      >>> updates, state = jax.jit(tx.update)(params, state, params)
       >>> params = optax.apply_updates(params, updates)
+      >>> state[0].mu_codes["w"].dtype, state[0].mu_scales["w"].shape  # 2 blocks a row
+      (dtype('uint8'), (256, 2))
 
     References:
       Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.
@@ -129,6 +131,10 @@ def adamw_4bit(
       >>> import jax.numpy as jnp
       >>> tx = adamw_4bit(1e-3, weight_decay=0.01)
       >>> state = tx.init({"w": jnp.ones((256, 256)), "b": jnp.zeros(256)})
+      >>> state[0].mu_codes["w"].shape  # two 4-bit codes per byte
+      (256, 128)
+      >>> state[0].mu_codes["b"].dtype  # fewer than min_size values: float32
+      dtype('float32')
 
     References:
       Li et al., Memory Efficient Optimizers with 4-bit States, NeurIPS 2023.
@@ -193,6 +199,8 @@ def solo_adamw(
       >>> import jax.numpy as jnp
       >>> tx = solo_adamw(1e-3, bits=(3, 3))
       >>> state = tx.init({"w": jnp.ones((256, 256))})
+      >>> state[0].nu_codes["w"].shape, state[0].nu_bases["w"].shape  # 3-bit, log base
+      ((256, 96), (256, 2))
 
     References:
       Xu et al., Pushing the Limits of Low-Bit Optimizers: A Focus on EMA Dynamics,
@@ -271,6 +279,8 @@ def slim_adamw(
       >>> from lowbit_optax import flax_default_rules
       >>> tx = slim_adamw(1e-3, rules=flax_default_rules, mu_bits=4)
       >>> state = tx.init(params)
+      >>> state[0].nu["mlp"]["up"]["kernel"].shape  # averaged over the fan-out
+      (64, 1)
 
     References:
       Kalra et al., When Can You Get Away with Low Memory Adam?, arXiv 2503.01843.
@@ -331,6 +341,8 @@ def galore_adamw(
       >>> import jax.numpy as jnp
       >>> tx = galore_adamw(1e-3, rank=64, update_interval=200)
       >>> state = tx.init({"w": jnp.ones((512, 256)), "b": jnp.zeros(256)})
+      >>> state[0].projectors["w"].shape, state[0].inner_state.mu["w"].shape
+      ((256, 64), (512, 64))
 
     References:
       Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
@@ -406,6 +418,8 @@ def coap_adamw(
       >>> import jax.numpy as jnp
       >>> tx = coap_adamw(1e-3, rank=0.25, update_interval=32)
       >>> state = tx.init({"w": jnp.ones((512, 256))})
+      >>> state[0].inner_state.mu["w"].shape  # rank 0.25 * min(512, 256) = 64
+      (512, 64)
 
     References:
       Xiao et al., COAP: Memory-Efficient Training with Correlation-Aware Gradient
@@ -493,6 +507,8 @@ def subtrack_adamw(
       >>> import jax.numpy as jnp
       >>> tx = subtrack_adamw(1e-3, rank=64, recover=True)
       >>> state = tx.init({"w": jnp.ones((512, 256))})
+      >>> state[0].projectors["w"].shape, state[0].residual_norms["w"].shape
+      ((256, 64), ())
       >>> paper = subtrack_adamw(1e-3, update_interval=50, step_size=1.0, directions=1)
 
     References:
@@ -554,6 +570,8 @@ def coap_adamw_8bit(
       >>> import jax.numpy as jnp
       >>> tx = coap_adamw_8bit(1e-3, rank=64, update_interval=32)
       >>> state = tx.init({"w": jnp.ones((512, 256))})
+      >>> state[0].projectors["w"].dtype, state[0].inner_state.mu_codes["w"].shape
+      (dtype(bfloat16), (512, 64))
 
     References:
       Xiao et al., COAP: Memory-Efficient Training with Correlation-Aware Gradient
@@ -605,6 +623,8 @@ def mfac(
       >>> import jax.numpy as jnp
       >>> tx = mfac(1e-3, num_grads=32)
       >>> state = tx.init({"w": jnp.zeros((64, 10))})
+      >>> state[0].values["w"].shape, state[0].gram.shape  # the last 32 gradients
+      ((32, 64, 10), (32, 32))
 
     References:
       Frantar, Kurtic, Alistarh, M-FAC: Efficient Matrix-Free Approximations of
@@ -637,6 +657,8 @@ def sparse_mfac(
       >>> import jax.numpy as jnp
       >>> tx = sparse_mfac(1e-3, num_grads=32, density=0.05)
       >>> state = tx.init({"w": jnp.zeros((64, 10))})
+      >>> state[0].values["w"].shape  # 5% of each row's 10 values, at least 1
+      (32, 64, 1)
 
     References:
       Modoranu et al., Error Feedback Can Accurately Compress Preconditioners,
@@ -670,6 +692,8 @@ def ggt(
       >>> import jax.numpy as jnp
       >>> tx = ggt(1e-3, num_grads=16)
       >>> state = tx.init({"w": jnp.zeros((64, 10))})
+      >>> state[0].values["w"].shape, state[0].gram.shape
+      ((16, 64, 10), (16, 16))
 
     References:
       Agarwal et al., Efficient Full-Matrix Adaptive Regularization, ICML 2019.
@@ -701,6 +725,8 @@ def sparse_ggt(
       >>> import jax.numpy as jnp
       >>> tx = sparse_ggt(1e-3, num_grads=16, density=0.05)
       >>> state = tx.init({"w": jnp.zeros((64, 10))})
+      >>> state[0].values["w"].shape, state[0].indices["w"].dtype
+      ((16, 64, 1), dtype('int32'))
 
     References:
       Modoranu et al., Error Feedback Can Accurately Compress Preconditioners,
@@ -739,6 +765,8 @@ def lion_8bit(
       >>> import jax.numpy as jnp
       >>> tx = lion_8bit(1e-4)
       >>> state = tx.init({"w": jnp.ones((256, 256))})
+      >>> state_bytes(state) == 256 * 256 + 256 * 2 * 4 + 4  # codes, scales, count
+      True
 
     References:
       Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023;
@@ -772,6 +800,8 @@ def sgd_momentum_8bit(
       >>> import jax.numpy as jnp
       >>> tx = sgd_momentum_8bit(1e-2, momentum=0.9, nesterov=True)
       >>> state = tx.init({"w": jnp.ones((256, 256))})
+      >>> state_bytes(state) == 256 * 256 + 256 * 2 * 4  # codes and block scales
+      True
 
     References:
       Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.
@@ -805,14 +835,18 @@ def muon_8bit(
         ``optax.contrib.muon``.
       block_size: values per block along the last axis (multiple of 8; default 128).
       min_size: smaller leaves keep float32 state (default 4096).
-      nesterov, adaptive, preconditioning, adam_b1, adam_b2, adam_eps_root,
-        adam_weight_decay, adam_learning_rate, muon_weight_dimension_numbers,
-        consistent_rms: ``optax.contrib.muon``'s keyword-only arguments, passed on.
+      **muon_kwargs: ``optax.contrib.muon``'s keyword-only arguments (``nesterov``,
+        ``adaptive``, ``preconditioning``, ``adam_b1``, ``adam_b2``, ``adam_eps_root``,
+        ``adam_weight_decay``, ``adam_learning_rate``,
+        ``muon_weight_dimension_numbers``, ``consistent_rms``), passed on.
 
     Example:
       >>> import jax.numpy as jnp
       >>> tx = muon_8bit(0.02, nesterov=True)
-      >>> state = tx.init({"w": jnp.ones((256, 256)), "b": jnp.zeros(256)})
+      >>> params = {"w": jnp.ones((256, 256)), "b": jnp.zeros(256)}
+      >>> state = tx.init(params)
+      >>> round(memory_report(state, params).bytes_per_param, 2)  # mostly 8-bit momentum
+      1.06
 
     References:
       Jordan et al., Muon: An optimizer for hidden layers in neural networks (2024);
@@ -864,6 +898,8 @@ def ademamix_8bit(
       >>> import jax.numpy as jnp
       >>> tx = ademamix_8bit(1e-3)
       >>> state = tx.init({"w": jnp.ones((256, 256))})
+      >>> state_bytes(state) == 3 * (256 * 256 + 256 * 2 * 4) + 8  # three 8-bit EMAs
+      True
 
     References:
       Pagliardini et al., The AdEMAMix Optimizer: Better, Faster, Older, ICLR 2025.

@@ -70,9 +70,23 @@ CodecRule = Callable[[str, jax.Array], "qz.Codec | None"]
 
 
 class QuantizeStateState(NamedTuple):
-    """``inner_state``: ``inner``'s state, its chosen leaves as ``QuantizedArray``s;
-    ``key``: raw ``uint32`` PRNG key data of stochastic rounding, split every step
-    (``EMPTY``, no leaves, unless ``rounding='stochastic'``)."""
+    """State of ``quantize_state``: ``inner``'s own state with its chosen leaves quantized.
+
+    Attributes:
+      inner_state: ``inner``'s state, its chosen leaves as ``QuantizedArray`` values.
+      key: raw ``uint32`` PRNG key data of stochastic rounding, split every step
+        (``EMPTY``, no leaves, unless ``rounding='stochastic'``).
+
+    Example:
+      >>> tx = quantize_state(optax.scale_by_adam(), bits=4)
+      >>> state = jax.eval_shape(tx.init, {"w": jnp.zeros((64, 256))})  # shapes only
+      >>> mu = state.inner_state.mu["w"]
+      >>> type(mu).__name__, mu.codes.shape, mu.scales.shape
+      ('QuantizedArray', (64, 128), (64, 2))
+      >>> per_moment = 64 * 256 // 2 + 64 * 2 * 4  # 4-bit codes + float32 scales
+      >>> state_bytes(state) == 2 * per_moment + 4  # mu, nu and the int32 count
+      True
+    """
 
     inner_state: Any
     key: Any = EMPTY
@@ -123,7 +137,13 @@ def quantize_state(
     Example:
       >>> import jax.numpy as jnp, optax
       >>> tx = quantize_state(optax.lion(1e-4), bits=8)
-      >>> state = tx.init({"w": jnp.zeros((256, 256))})
+      >>> params = {"w": jnp.ones((256, 256))}
+      >>> state = tx.init(params)
+      >>> updates, state = jax.jit(tx.update)(params, state, params)
+      >>> state.inner_state[0].mu["w"].codes.shape  # one byte per value
+      (256, 256)
+      >>> state_bytes(state) == 256 * 256 + 256 * 2 * 4 + 4  # codes, scales, count
+      True
     """
     if not isinstance(bits, int) or bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 8, 4, 3 or 2, got {bits!r}")

@@ -108,7 +108,25 @@ class Compressor:
     ``compress(x, state, key)`` returns ``(payload, state)``, the payload's shapes a
     function of ``x.shape`` only; ``decompress(payload, shape)`` the dense float32 array.
     ``sparse`` compressors return ``Sparse`` payloads, which windows of compressed
-    gradients store as values and indices (``lowbit_optax.scale_by_mfac``).
+    gradients store as values and indices (``lowbit_optax.scale_by_mfac``). Calling a
+    compressor, ``compressor(x, state=None, key=None)``, returns the compressed array
+    dense (float32) and the new state. Build one with ``top_k``, ``random_k``,
+    ``low_rank`` or ``quantizer``.
+
+    Attributes:
+      sparse: whether payloads are ``Sparse`` (values and int32 indices): ``top_k`` and
+        ``random_k``.
+
+    Example:
+      >>> c = top_k(0.25)  # keep 2 of 8 entries
+      >>> isinstance(c, Compressor), c.sparse
+      (True, True)
+      >>> x = jnp.array([0.1, -3.0, 0.2, 2.0, 0.0, -0.5, 1.0, 0.3])
+      >>> payload, state = c.compress(x, c.init(x.shape), None)
+      >>> payload.values.tolist(), payload.indices.tolist()
+      ([-3.0, 2.0], [1, 3])
+      >>> c.decompress(payload, x.shape).tolist()
+      [0.0, -3.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]
     """
 
     sparse: bool = False
@@ -353,14 +371,49 @@ def top_k(density: float, block_size: int | None = None) -> TopKCompressor:
     the flattened array (cheaper to select, and spread over the array).
 
     Payload: ``Sparse(values float32 (k,), indices int32 (k,))``: ``8 k`` bytes.
+
+    Args:
+      density: fraction of the entries kept, in (0, 1] (0.01 keeps 1%).
+      block_size: ``None`` selects over the whole flattened array; an int selects
+        ``round(density * block_size)`` entries in each block of that many values.
+
+    Returns:
+      A ``Compressor`` (sparse).
+
+    Example:
+      >>> x = jnp.array([0.1, -3.0, 0.2, 2.0, 0.0, -0.5, 1.0, 0.3])
+      >>> dense, _ = top_k(0.25)(x)  # the 2 largest magnitudes
+      >>> dense.tolist()
+      [0.0, -3.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]
+      >>> dense, _ = top_k(0.25, block_size=4)(x)  # the largest of each half
+      >>> dense.tolist()
+      [0.0, -3.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     """
     return TopKCompressor(density, block_size)
 
 
 def random_k(density: float) -> RandomKCompressor:
-    """``round(density * n)`` distinct random entries, one uniform pick per stratum of
-    ``n / k`` consecutive entries (unscaled). Payload
-    ``Sparse``; needs a PRNG key (``error_feedback`` supplies one per step)."""
+    """``round(density * n)`` distinct random entries, one uniform pick per stratum.
+
+    Each of the ``k`` strata of ``n / k`` consecutive entries contributes one entry
+    (unscaled: the contractive form error feedback needs). Payload ``Sparse``; needs a
+    PRNG key (``error_feedback`` supplies one per step).
+
+    Args:
+      density: fraction of the entries kept, in (0, 1].
+
+    Returns:
+      A ``Compressor`` (sparse).
+
+    Example:
+      >>> c = random_k(0.5)
+      >>> x = jnp.arange(1.0, 9.0)
+      >>> payload, _ = jax.jit(c.compress)(x, c.init(x.shape), jax.random.key(0))
+      >>> (payload.indices // 2).tolist()  # one index in each pair of entries
+      [0, 1, 2, 3]
+      >>> bool((payload.values == x[payload.indices]).all())  # unscaled
+      True
+    """
     return RandomKCompressor(density)
 
 
@@ -368,17 +421,59 @@ def low_rank(rank: int, seed: int = 0) -> LowRankCompressor:
     """PowerSGD: one warm-started power iteration per call on 2-D arrays (rank > 2 as
     ``(prod(shape[:-1]), shape[-1])``); ``(m + n) r`` floats instead of ``m n``. Arrays
     with ``min(m, n) <= rank`` or fewer than 2 dimensions pass through dense. The state
-    (``init(shape)``) is the warm start ``Q^T``, ``(r, n)``."""
+    (``init(shape)``) is the warm start ``Q^T``, ``(r, n)``.
+
+    Args:
+      rank: the rank ``r`` of the factors.
+      seed: seed of the random initial ``Q``.
+
+    Returns:
+      A ``Compressor`` whose payload is the factor pair ``(p (m, r), q (n, r))``.
+
+    Example:
+      >>> c = low_rank(2)
+      >>> m = jnp.outer(jnp.arange(1.0, 5.0), jnp.arange(1.0, 7.0))  # (4, 6), rank 1
+      >>> state = c.init(m.shape)  # the warm start Q^T
+      >>> state.shape
+      (2, 6)
+      >>> payload, state = jax.jit(c.compress)(m, state, None)
+      >>> payload.p.shape, payload.q.shape  # (4 + 6) * 2 floats instead of 24
+      ((4, 2), (6, 2))
+      >>> bool(np.allclose(payload.p @ payload.q.T, m, atol=1e-4))  # exact at rank 1
+      True
+    """
     return LowRankCompressor(rank, seed)
 
 
 def quantizer(
     bits: int, kind: str = "linear", *, block_size: int = 128, rounding: str = "nearest"
 ) -> QuantizeCompressor:
-    """Block-wise quantization along the last axis with a library codec
-    (``kind``: ``linear`` or ``dynamic``, signed; ``rounding``: ``nearest`` or
-    ``stochastic``). ``bits=1`` is the scaled sign ``mean(|x|) sign(x)`` per block.
-    Payload: a ``QuantizedArray`` (``bits`` per value plus one float32 scale per block)."""
+    """Block-wise quantization along the last axis with a library codec.
+
+    ``bits=1`` is the scaled sign ``mean(|x|) sign(x)`` per block. Payload: a
+    ``QuantizedArray`` (``bits`` per value plus one float32 scale per block).
+
+    Args:
+      bits: code width (1, 2, 3, 4 or 8).
+      kind: the signed level table, ``linear`` or ``dynamic`` (see ``linear_levels``,
+        ``dynamic_exponent_levels``).
+      block_size: values per block along the last axis (a multiple of 8).
+      rounding: ``nearest`` or ``stochastic`` (needs a key; ``error_feedback``
+        supplies one per step).
+
+    Returns:
+      A ``Compressor``.
+
+    Example:
+      >>> c = quantizer(1, block_size=8)
+      >>> x = jnp.array([0.5, -3.0, 0.5, 2.0, 0.5, -0.5, 0.5, 0.5])
+      >>> payload = jax.eval_shape(c.compress, x, c.init(x.shape), None)[0]
+      >>> payload.codes.shape, payload.scales.shape  # 8 1-bit codes: one byte
+      ((1,), (1,))
+      >>> dense, _ = jax.jit(c)(x)  # the scaled sign, mean(|x|) = 1
+      >>> dense.tolist()
+      [1.0, -1.0, 1.0, 1.0, 1.0, -1.0, 1.0, 1.0]
+    """
     return QuantizeCompressor(bits, kind, block_size, rounding)
 
 
@@ -430,6 +525,14 @@ class ErrorFeedbackState(NamedTuple):
       compressor_state: per leaf the compressor's state (PowerSGD's warm start ``Q^T``,
         ``(r, n)`` for a leaf viewed as ``m x n``, laid out like the leaf's last axis;
         ``EMPTY`` where there is none).
+
+    Example:
+      >>> tx = error_feedback(low_rank(2), accumulator_dtype=jnp.bfloat16)
+      >>> state = tx.init({"w": jnp.zeros((16, 8)), "b": jnp.zeros(8)})
+      >>> state.error["w"].dtype, state.compressor_state["w"].shape  # Q^T is (r, n)
+      (dtype(bfloat16), (2, 8))
+      >>> state_bytes(state.error) == (16 * 8 + 8) * 2  # two bytes per parameter
+      True
     """
 
     count: jax.Array
@@ -462,6 +565,29 @@ def error_feedback(
     Memory per parameter: one ``accumulator_dtype`` value (4 or 2 bytes) plus the
     compressor's state (PowerSGD: ``n r`` float32 values per ``m x n`` leaf, ``Q^T``,
     sharded like the leaf's last axis).
+
+    Returns:
+      A ``GradientTransformation`` whose state is an ``ErrorFeedbackState``.
+
+    Example:
+      Top-50% error feedback: what is not sent is carried to the next step.
+
+      >>> tx = error_feedback(top_k(0.5))
+      >>> g = {"w": jnp.array([1.0, -4.0, 0.5, 2.0])}
+      >>> state = tx.init(g)
+      >>> update = jax.jit(tx.update)
+      >>> c1, state = update(g, state)
+      >>> c1["w"].tolist(), state.error["w"].tolist()
+      ([0.0, -4.0, 0.0, 2.0], [1.0, 0.0, 0.5, 0.0])
+      >>> c2, state = update(g, state)  # 1.0 + 1.0 now makes the cut
+      >>> c2["w"].tolist(), state.error["w"].tolist()
+      ([2.0, -4.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0])
+      >>> (c1["w"] + c2["w"] + state.error["w"]).tolist()  # == g + g
+      [2.0, -8.0, 1.0, 4.0]
+
+      Chained before any optax transform: error-feedback top-k SGD.
+
+      >>> tx = optax.chain(error_feedback(top_k(0.01)), optax.sgd(1e-2))
     """
     if not isinstance(compressor, Compressor):
         raise ValueError(

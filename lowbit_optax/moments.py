@@ -39,8 +39,42 @@ __all__ = ["AdamLike", "MomentAccess", "field_access", "scale_by_adam_like"]
 
 
 class MomentAccess(NamedTuple):
-    """How to read and write an Adam-like state's moments, one parameter at a time (see
-    the module docstring)."""
+    """How to read and write an Adam-like state's moments, one parameter at a time.
+
+    See ``lowbit_optax.moments``' module docstring for the protocol.
+
+    Attributes:
+      fields: names of the state's per-parameter fields that hold the two moments.
+      get: ``get(stored, shape) -> (mu, nu)``: one parameter's entries of ``fields`` (a
+        tuple, in ``fields`` order) decoded to float arrays of ``shape``.
+      put: ``put(stored, mu, nu) -> stored``: the entries that hold new moments.
+      b1: first-moment decay rate (a number or a traced scalar; ``None``: unknown).
+      b2: second-moment decay rate.
+      eps: the epsilon added to ``sqrt(nu_hat)`` (``None``: unknown).
+
+    Example:
+      A quantized Adam's moments span five fields, decoded and encoded by ``get`` and
+      ``put``:
+
+      >>> scale_by_quantized_adam().moments.fields
+      ('mu_codes', 'mu_scales', 'nu_codes', 'nu_scales', 'nu_bases')
+
+      ``scale_by_adam_like``'s are optax's float ``mu`` and ``nu``:
+
+      >>> tx = scale_by_adam_like(b2=0.95)
+      >>> access = tx.moments
+      >>> access.fields, access.b2
+      (('mu', 'nu'), 0.95)
+      >>> g = {"w": jnp.full((2, 3), 2.0)}
+      >>> _, state = jax.jit(tx.update)(g, tx.init(g))
+      >>> stored = tuple(getattr(state, f)["w"] for f in access.fields)
+      >>> mu, nu = access.get(stored, (2, 3))
+      >>> round(float(mu[0, 0]), 4), round(float(nu[0, 0]), 4)  # (1 - b1) g, (1 - b2) g**2
+      (0.2, 0.2)
+      >>> stored = access.put(stored, jnp.zeros_like(mu), nu)  # reset mu
+      >>> float(access.get(stored, (2, 3))[0].max())
+      0.0
+    """
 
     fields: tuple[str, ...]
     get: Callable[[tuple[Any, ...], tuple[int, ...]], tuple[Any, Any]]
@@ -54,7 +88,20 @@ class AdamLike(optax.GradientTransformation):
     """An ``optax.GradientTransformation`` of an Adam-like optimizer that also carries
     ``moments``, the ``MomentAccess`` of its state. It is used wherever a
     ``GradientTransformation`` is (``optax.chain`` etc.); wrappers that move moments
-    (``low_rank_projection``) read ``moments``."""
+    (``low_rank_projection``) read ``moments``.
+
+    Args:
+      init: the transform's ``init`` function.
+      update: the transform's ``update`` function.
+      moments: the ``MomentAccess`` of the state ``init`` makes.
+
+    Example:
+      >>> base = optax.scale_by_adam(b1=0.9, b2=0.99)
+      >>> tx = AdamLike(base.init, base.update, field_access(0.9, 0.99))
+      >>> isinstance(tx, optax.GradientTransformation), tx.moments.fields, tx.moments.b2
+      (True, ('mu', 'nu'), 0.99)
+      >>> state = optax.chain(tx, optax.scale(-1e-3)).init({"w": jnp.zeros(3)})
+    """
 
     moments: MomentAccess
 
@@ -65,8 +112,26 @@ class AdamLike(optax.GradientTransformation):
 
 
 def field_access(b1: Any = None, b2: Any = None, eps: Any = None) -> MomentAccess:
-    """The access of a state whose moments are float fields named ``mu`` and ``nu``
-    (``optax.ScaleByAdamState``), with the given betas and epsilon (``None``: unknown)."""
+    """The access of a state whose moments are float fields named ``mu`` and ``nu``.
+
+    Such as ``optax.ScaleByAdamState``; ``get`` and ``put`` pass the arrays through.
+
+    Args:
+      b1: the first-moment decay rate (``None``: unknown).
+      b2: the second-moment decay rate (``None``: unknown).
+      eps: the denominator epsilon (``None``: unknown).
+
+    Returns:
+      A ``MomentAccess`` with ``fields == ("mu", "nu")``.
+
+    Example:
+      >>> access = field_access(0.9, 0.999)
+      >>> access.fields, access.b1, access.eps
+      (('mu', 'nu'), 0.9, None)
+      >>> mu, nu = jnp.ones(3), jnp.zeros(3)
+      >>> access.get((mu, nu), (3,))[0] is mu
+      True
+    """
     return MomentAccess(
         ("mu", "nu"), lambda stored, shape: stored, lambda _, m, v: (m, v), b1, b2, eps
     )
@@ -96,8 +161,14 @@ def scale_by_adam_like(
 
     Example:
       >>> import lowbit_optax
-      >>> tx = lowbit_optax.low_rank_projection(
-      ...     scale_by_adam_like(b1=0.9, b2=0.95), rank=8, moments="rotate")
+      >>> adam = scale_by_adam_like(b1=0.9, b2=0.95)
+      >>> adam.moments.b2  # what a rotating wrapper reads
+      0.95
+      >>> tx = lowbit_optax.low_rank_projection(adam, rank=8, moments="rotate")
+      >>> g = {"w": jnp.array([1.0, -2.0])}
+      >>> updates, _ = jax.jit(adam.update)(g, adam.init(g))  # optax.scale_by_adam's
+      >>> print(updates["w"].round(4))
+      [ 1. -1.]
     """
     tx = optax.scale_by_adam(b1, b2, eps, **kwargs)
     return AdamLike(tx.init, tx.update, field_access(b1, b2, eps))

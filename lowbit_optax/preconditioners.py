@@ -105,6 +105,18 @@ class ScaleByWindowState(NamedTuple):
       gram: ``(m, m)`` float32 ``K = G G^T`` (zero rows/columns for empty slots).
       error: a tree like the params: the error-feedback accumulator (with a
         compressor), else ``EMPTY`` leaves.
+
+    Example:
+      A sparse window of ``m = 8`` top-25% gradients of a ``(16, 32)`` param keeps 8
+      values and 8 indices per row and step:
+
+      >>> tx = scale_by_mfac(num_grads=8, compressor=top_k(0.25))
+      >>> state = tx.init({"w": jnp.zeros((16, 32))})
+      >>> state.values["w"].shape, state.indices["w"].shape, state.gram.shape
+      ((8, 16, 8), (8, 16, 8), (8, 8))
+      >>> window = 2 * 8 * 16 * 8 * 4 + 8 * 8 * 4  # values, indices, gram
+      >>> state_bytes(state) == window + 16 * 32 * 4 + 4 + 8  # + error, count, key
+      True
     """
 
     count: jax.Array
@@ -439,6 +451,10 @@ def scale_by_mfac(
         error feedback is then built in.
       key: seed for random compressors (default 0).
 
+    Returns:
+      A ``GradientTransformation`` whose state is a ``ScaleByWindowState``; chain a
+      learning rate after it (``lowbit_optax.mfac`` does).
+
     Memory: ``4 m d`` bytes dense, ``8 m k`` sparse (+ ``4 d`` for the accumulator), plus
     ``4 m^2`` for the Gram matrix.
 
@@ -451,6 +467,19 @@ def scale_by_mfac(
     ``lr * h / lam > 2`` and oscillate or diverge (a small quadratic at ``lr = 0.1``
     with the default ``lam = 1e-4`` does). Tune the two together, and on small or
     well-conditioned problems raise ``lam`` towards the squared gradient scale.
+
+    Example:
+      With one gradient in the window, ``F = lam I + g g^T / m`` and ``F^{-1} g =
+      g / (lam + |g|^2 / m)``: here ``g / (1 + 4 / 4)``.
+
+      >>> tx = scale_by_mfac(num_grads=4, damping=1.0)
+      >>> g = {"w": jnp.array([2.0, 0.0, 0.0, 0.0])}
+      >>> state = tx.init(g)
+      >>> updates, state = jax.jit(tx.update)(g, state)
+      >>> print(np.asarray(updates["w"]).round(4))
+      [1. 0. 0. 0.]
+      >>> float(state.gram[0, 0])  # g . g
+      4.0
 
     References:
       Frantar et al., M-FAC, NeurIPS 2021; Modoranu et al., arXiv 2306.06098.
@@ -493,6 +522,25 @@ def scale_by_ggt(
       eps: ``eps`` (1e-5).
       compressor: ``None`` or a sparse compressor; error feedback is then built in.
       key: seed for random compressors (default 0).
+
+    Returns:
+      A ``GradientTransformation`` whose state is a ``ScaleByWindowState``; chain a
+      learning rate after it (``lowbit_optax.ggt`` does).
+
+    Memory: as ``scale_by_mfac``, with ``r`` in place of ``m``.
+
+    Example:
+      With one gradient in the window, ``(g g^T)^{1/2} = g g^T / |g|``, so the first
+      step is ``g / (|g| + eps)``, a unit vector:
+
+      >>> tx = scale_by_ggt(num_grads=3)
+      >>> g = {"w": jnp.array([3.0, 4.0])}
+      >>> state = tx.init(g)
+      >>> updates, state = jax.jit(tx.update)(g, state)
+      >>> print(np.asarray(updates["w"]).round(4))
+      [0.6 0.8]
+      >>> state.values["w"].shape  # the window: r rows of the param's shape
+      (3, 2)
 
     References:
       Agarwal et al., GGT, ICML 2019; Modoranu et al., arXiv 2306.06098.

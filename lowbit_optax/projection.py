@@ -130,6 +130,16 @@ class LowRankProjectionState(NamedTuple):
       residual_norms: with ``recover=True``, per projected leaf the float32 norm of the
         last recovered residual term (Fira's norm-growth limiter); ``MaskedNode``
         elsewhere, and for every leaf without ``recover``.
+
+    Example:
+      >>> tx = low_rank_projection(optax.scale_by_adam(), rank=2, min_dim=4)
+      >>> state = tx.init({"w": jnp.ones((8, 4)), "b": jnp.zeros(4)})
+      >>> state.projectors["w"].shape  # S is K x r, K = min(8, 4)
+      (4, 2)
+      >>> state.inner_state.mu["w"].shape, state.inner_state.mu["b"].shape  # m x r
+      ((8, 2), (4,))
+      >>> state.projectors["b"]  # 1-D leaves are not projected
+      MaskedNode()
     """
 
     count: jax.Array
@@ -239,6 +249,19 @@ def low_rank_projection(
     Memory per projected ``(m, n)`` leaf: ``K r`` for ``S`` (in ``proj_dtype``) plus the
     inner state on ``m r`` (right) or ``r n`` (left) values instead of ``m n`` (plus one
     float32 with ``recover``).
+
+    Example:
+      GaLore-style Adam at rank 2 (``min_dim=4`` so that this small matrix qualifies):
+
+      >>> tx = low_rank_projection(optax.scale_by_adam(), rank=2, min_dim=4)
+      >>> params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.arange(32.0).reshape(8, 4) % 5, "b": jnp.ones(4)}
+      >>> updates, state = jax.jit(tx.update)(grads, state)
+      >>> updates["w"].shape, int(np.linalg.matrix_rank(updates["w"]))  # rank-2 step
+      ((8, 4), 2)
+      >>> state.inner_state.nu["w"].shape  # Adam's state on 8 x 2 values, not 8 x 4
+      (8, 2)
     """
     cfg = _Config(
         inner,

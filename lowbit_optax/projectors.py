@@ -241,7 +241,21 @@ class Projector(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class SVDProjector(Projector):
-    """GaLore: the top-``r`` singular subspace from a full float32 SVD at every event."""
+    """GaLore: the top-``r`` singular subspace from a full float32 SVD at every event.
+
+    No settings: pass ``SVDProjector()`` (or ``"svd"``) as ``low_rank_projection``'s
+    ``projector``.
+
+    Example:
+      >>> tx = low_rank_projection(optax.scale_by_adam(), rank=2, min_dim=4,
+      ...                          projector=SVDProjector(), update_interval=1)
+      >>> grads = {"w": jnp.arange(32.0).reshape(8, 4) % 5}
+      >>> state = tx.init(grads)
+      >>> _, state = jax.jit(tx.update)(grads, state)
+      >>> s = state.projectors["w"]  # orthonormal columns
+      >>> s.shape, bool(np.allclose(s.T @ s, np.eye(2), atol=1e-5))
+      ((4, 2), True)
+    """
 
     def refresh(self, *, s, gk, a, mk, count, interval, key):
         del a, mk, count, interval, key
@@ -263,6 +277,18 @@ class COAPProjector(Projector):
         ``r`` after the small SVD).
       power_iters: block power iterations of the first range finder (``t = 0``), each
         ``Y <- Gk Gk^T qr(Y)``; the paper's one-pass finder is ``0``.
+
+    Example:
+      >>> coap = COAPProjector(reproject_factor=2, scale_aware=True)
+      >>> tx = low_rank_projection(optax.scale_by_adam(), rank=2, min_dim=4,
+      ...                          projector=coap, update_interval=1)
+      >>> grads = {"w": jnp.arange(32.0).reshape(8, 4) % 5}
+      >>> state = tx.init(grads)
+      >>> update = jax.jit(tx.update)
+      >>> updates, state = update(grads, state)  # t = 0: range finder
+      >>> updates, state = update(grads, state)  # t = 1: one SGD step on S
+      >>> state.projectors["w"].shape, int(np.linalg.matrix_rank(updates["w"]))
+      ((4, 2), 2)
     """
 
     reproject_factor: int = 5
@@ -332,6 +358,21 @@ class SubTrackProjector(Projector):
         an int (1, the paper's rank-1 step, at most ``1 / r`` of the subspace distance
         per event; ``r`` or more, the whole geodesic), a float in (0, 1] as a fraction
         of ``r`` (at least one), or ``None``: all ``r``.
+
+    Example:
+      >>> sub = SubTrackProjector(step_size=0.5, directions=None)
+      >>> sub.turned(4)  # None turns every direction of a rank-4 subspace
+      4
+      >>> tx = low_rank_projection(scale_by_adam_like(), rank=2, min_dim=4,
+      ...                          projector=sub, update_interval=1, moments="rotate")
+      >>> grads = {"w": jnp.arange(32.0).reshape(8, 4) % 5}
+      >>> state = tx.init(grads)
+      >>> update = jax.jit(tx.update)
+      >>> for _ in range(2):  # an SVD, then one geodesic step
+      ...     _, state = update(grads, state)
+      >>> s = state.projectors["w"]  # the geodesic keeps S orthonormal
+      >>> bool(np.allclose(s.T @ s, np.eye(2), atol=1e-5))
+      True
     """
 
     step_size: float = 1.0

@@ -106,6 +106,12 @@ def linear_levels(bits: int, signed: bool, zero: bool = True) -> np.ndarray:
 
     Returns:
       Sorted float32 array.
+
+    Example:
+      >>> linear_levels(2, signed=True)
+      array([-1.,  0.,  1.], dtype=float32)
+      >>> linear_levels(2, signed=False, zero=False)  # (k + 1) / 4
+      array([0.25, 0.5 , 0.75, 1.  ], dtype=float32)
     """
     check_bits(bits)
     n = 2**bits
@@ -152,6 +158,16 @@ def dynamic_tree_levels(bits: int = 8, signed: bool = True) -> np.ndarray:
     Args:
       bits: must be 8 (for other widths use ``dynamic_exponent_levels``).
       signed: 254 signed values + 0 + 1, or 254 unsigned values + 0 + 1.
+
+    Returns:
+      Sorted float32 array of 256 levels in [-1, 1] (signed) or [0, 1] (unsigned).
+
+    Example:
+      >>> levels = dynamic_tree_levels(8, signed=True)
+      >>> levels.shape, levels.dtype, float(levels[-1])
+      ((256,), dtype('float32'), 1.0)
+      >>> bool(levels.min() > -1.0) and 0.0 in levels
+      True
     """
     if bits != 8:
         raise ValueError(
@@ -162,9 +178,26 @@ def dynamic_tree_levels(bits: int = 8, signed: bool = True) -> np.ndarray:
 
 
 def dynamic_exponent_levels(bits: int, signed: bool = True) -> np.ndarray:
-    """Dynamic-exponent map at ``bits`` (2..8): the dynamic construction with
-    ``bits - 1`` exponent levels. 4-bit signed: 0, ±0.0055, ±0.0325, ±0.0775, ±0.2125,
-    ±0.4375, ±0.6625, ±0.8875, 1; 3-bit: 0, ±0.055, ±0.325, ±0.775, 1; 2-bit: 0, ±0.55, 1.
+    """Dynamic-exponent map at ``bits`` (2..8).
+
+    The dynamic construction with ``bits - 1`` exponent levels. 4-bit signed: 0,
+    ±0.0055, ±0.0325, ±0.0775, ±0.2125, ±0.4375, ±0.6625, ±0.8875, 1; 3-bit: 0, ±0.055,
+    ±0.325, ±0.775, 1; 2-bit: 0, ±0.55, 1. At 8 bits it equals ``dynamic_tree_levels``.
+
+    Args:
+      bits: code width, 2..8; the table has ``2**bits`` levels.
+      signed: levels in [-1, 1] (first moments) or [0, 1] (second moments).
+
+    Returns:
+      Sorted float32 array of ``2**bits`` levels.
+
+    Example:
+      >>> dynamic_exponent_levels(2).round(2)
+      array([-0.55,  0.  ,  0.55,  1.  ], dtype=float32)
+      >>> dynamic_exponent_levels(4, signed=False).size
+      16
+      >>> bool((dynamic_exponent_levels(8) == dynamic_tree_levels(8)).all())
+      True
     """
     check_bits(bits, range(2, 9))
     return _dynamic_map(signed, exponent_bits=bits - 1, total_bits=bits)
@@ -191,6 +224,20 @@ class Codec:
       quantile_sample: log codec only; 0 computes the quantile over the whole block
         (exact, a sort per block), ``k`` over every ``block_size // k``-th value (an
         estimate without a sort).
+
+    Example:
+      A 4-bit codec on the symmetric linear table, blocks of 64 values:
+
+      >>> codec = Codec(bits=4, levels=tuple(linear_levels(4, signed=True).tolist()),
+      ...               block_size=64)
+      >>> q = codec.abstract((2, 100))  # shapes only: two blocks per row
+      >>> q.codes.shape, q.scales.shape  # 128 codes of 4 bits = 64 bytes per row
+      ((2, 64), (2, 2))
+
+      SOLO's logarithmic unsigned codec (``levels=None``) also stores a base per block:
+
+      >>> Codec(bits=2).abstract((256,)).bases.shape
+      (2,)
     """
 
     bits: int
@@ -276,6 +323,26 @@ class QuantizedArray:
     A pytree whose leaves are ``codes`` (uint8, packed), ``scales`` and, for the log
     codec, ``bases``; ``codec``, the original ``shape`` and the dtype ``dequantize``
     returns (a name, ``float32`` unless set) are static.
+
+    Attributes:
+      codes: ``uint8`` codes packed along the last axis, ``(..., nb * block_size *
+        bits / 8)`` for ``nb = ceil(shape[-1] / block_size)`` blocks.
+      scales: per-block absmax scales (log codec: the block max), ``(..., nb)`` in the
+        codec's ``scale_dtype``.
+      bases: log codec only, the per-block base ``a`` of the levels ``D * a**k``,
+        ``(..., nb)``; ``None`` for table codecs.
+      codec: the ``Codec`` that produced it (static).
+      shape: the shape of the original array (static).
+      dtype: dtype name ``dequantize`` returns (static; ``float32`` by default).
+
+    Example:
+      >>> codec = Codec(bits=4, levels=tuple(linear_levels(4, signed=True).tolist()),
+      ...               block_size=64)
+      >>> q = quantize(jnp.linspace(-1.0, 1.0, 200).reshape(2, 100), codec)
+      >>> q.shape, q.codes.shape, q.scales.shape  # 2 blocks of 64 4-bit codes per row
+      ((2, 100), (2, 64), (2, 2))
+      >>> [leaf.shape for leaf in jax.tree_util.tree_leaves(q)]  # a pytree: no bases
+      [(2, 64), (2, 2)]
     """
 
     codes: jax.Array
@@ -413,6 +480,22 @@ def quantize(x: jax.Array, codec: Codec, key: jax.Array | None = None) -> Quanti
 
     Returns:
       A ``QuantizedArray``; ``dequantize`` gives back an array of ``x.shape``.
+
+    Example:
+      >>> codec = Codec(bits=4, levels=tuple(linear_levels(4, signed=True).tolist()),
+      ...               block_size=64)
+      >>> x = jnp.linspace(-1.0, 1.0, 200).reshape(2, 100)
+      >>> q = quantize(x, codec)
+      >>> q.codes.shape, q.codes.dtype, q.scales.shape  # 2 blocks of 32 bytes per row
+      ((2, 64), dtype('uint8'), (2, 2))
+      >>> float(jnp.abs(dequantize(q) - x).max()) <= 1 / 14  # half a level step
+      True
+
+      Stochastic rounding needs a key:
+
+      >>> sr = Codec(bits=4, levels=codec.levels, block_size=64, rounding="stochastic")
+      >>> quantize(x, sr, key=jax.random.key(0)).codes.shape
+      (2, 64)
     """
     if x.ndim == 0:
         raise ValueError("cannot quantize a scalar block-wise; keep it in float32")
@@ -422,7 +505,27 @@ def quantize(x: jax.Array, codec: Codec, key: jax.Array | None = None) -> Quanti
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
-    """The array of ``q.shape`` (in ``q.dtype``) from a ``QuantizedArray``."""
+    """The array of ``q.shape`` (in ``q.dtype``) from a ``QuantizedArray``.
+
+    Args:
+      q: the result of ``quantize`` (or a ``QuantizedArray`` read from a state).
+
+    Returns:
+      The decoded array: each value is its level times its block's scale (log codec:
+      ``D * a**k``); the padding of the last block is dropped.
+
+    Example:
+      >>> codec = Codec(bits=4, levels=tuple(linear_levels(4, signed=True).tolist()),
+      ...               block_size=64)
+      >>> x = jnp.linspace(-1.0, 1.0, 200).reshape(2, 100)
+      >>> y = dequantize(quantize(x, codec))
+      >>> y.shape, y.dtype
+      ((2, 100), dtype('float32'))
+      >>> y[0, :3].tolist()  # block scale 1.0, levels k / 7: -0.99 and -0.98 round to -1
+      [-1.0, -1.0, -1.0]
+      >>> len(np.unique(np.asarray(y[0, :64]))) <= 15  # at most 2**4 - 1 levels a block
+      True
+    """
     x = from_blocks(decode(q.codes, q.scales, q.bases, q.codec), q.shape[-1])
     return x if q.dtype == "float32" else x.astype(q.dtype)
 

@@ -61,6 +61,20 @@ class ScaleByQuantizedAdamState(NamedTuple):
       nu_codes: packed codes of the second moment, or ``sqrt(nu)`` in float32.
       nu_scales: per-block ``sqrt(max nu)``; ``MaskedNode`` for float32 leaves.
       nu_bases: per-block log base (logarithmic codec only), else ``MaskedNode``.
+
+    Example:
+      A 4-bit state: the ``(64, 256)`` weight keeps 4-bit codes and one float32 scale
+      per 128-value block; the 256-value bias is below ``min_size`` and stays float32.
+
+      >>> tx = scale_by_quantized_adam(mu_bits=4, nu_bits=4)
+      >>> state = tx.init({"w": jnp.zeros((64, 256)), "b": jnp.zeros(256)})
+      >>> state.mu_codes["w"].shape, state.mu_codes["w"].dtype, state.mu_scales["w"].shape
+      ((64, 128), dtype('uint8'), (64, 2))
+      >>> state.nu_codes["b"].dtype  # float32 leaf: sqrt(nu) itself
+      dtype('float32')
+      >>> w = 64 * 256 * (4 + 4) // 8 + 2 * 64 * 2 * 4  # codes + mu/nu scales
+      >>> state_bytes(state) == w + 2 * 256 * 4 + 4 + 8  # + float32 bias, count, key
+      True
     """
 
     count: jax.Array
@@ -130,6 +144,8 @@ def scale_by_quantized_adam(
       >>> tx = optax.chain(scale_by_quantized_adam(mu_bits=4, nu_bits=4),
       ...                  optax.scale_by_learning_rate(1e-3))
       >>> state = tx.init({"w": jnp.zeros((256, 256))})
+      >>> state[0].mu_codes["w"].shape  # two 4-bit codes per byte
+      (256, 128)
 
     References:
       Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.

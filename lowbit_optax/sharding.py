@@ -24,8 +24,8 @@ Example:
   >>> w = jax.device_put(jnp.zeros((8, 256)), jax.NamedSharding(mesh, jax.P("fsdp")))
   >>> tx = lo.adamw_8bit(1e-3, min_size=16)
   >>> state = lo.sharded_init(tx, {"w": w})
-  >>> state[0].mu_codes["w"].sharding.spec
-  PartitionSpec('fsdp',)
+  >>> tuple(state[0].mu_codes["w"].sharding.spec)
+  ('fsdp',)
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
 
     Args:
       tx: any ``optax.GradientTransformation``.
-      params: the param tree, as arrays or ``jax.ShapeDtypeStruct``s, laid out with
-        ``NamedSharding``s on one mesh (a leaf without one is taken as replicated).
+      params: the param tree, as arrays or ``jax.ShapeDtypeStruct`` leaves, laid out
+        with ``NamedSharding`` values on one mesh (a leaf without one is taken as
+        replicated).
 
     Returns:
       A tree like the state with a ``NamedSharding`` per leaf: param-shaped leaves as
@@ -65,6 +66,19 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     Raises:
       ValueError: no param carries a ``NamedSharding``, or params live on more than one
         mesh.
+
+    Example:
+      Abstract params suffice: an FSDP layout over every device splits the 8-bit codes
+      and their block scales by rows, as the param; the count is replicated.
+
+      >>> mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+      >>> rows = jax.NamedSharding(mesh, jax.P("fsdp"))
+      >>> params = {"w": jax.ShapeDtypeStruct((8, 256), jnp.float32, sharding=rows)}
+      >>> shardings = state_shardings(adamw_8bit(1e-3, min_size=16), params)
+      >>> tuple(shardings[0].mu_codes["w"].spec), tuple(shardings[0].mu_scales["w"].spec)
+      (('fsdp',), ('fsdp',))
+      >>> tuple(shardings[0].count.spec)
+      ()
     """
     shardings = [s for s in map(_sharding_of, jax.tree.leaves(params)) if s is not None]
     if not shardings:
@@ -103,6 +117,24 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
 
 
 def sharded_init(tx: optax.GradientTransformation, params: Any) -> Any:
-    """``tx.init(params)`` created directly in ``state_shardings(tx, params)``'s layout
-    (jitted with those ``out_shardings``: no leaf is first built whole on one device)."""
+    """``tx.init(params)`` created directly in ``state_shardings(tx, params)``'s layout.
+
+    Jitted with those ``out_shardings``: no leaf is first built whole on one device.
+
+    Args:
+      tx: any ``optax.GradientTransformation``.
+      params: the param tree, laid out with ``NamedSharding`` values on one mesh.
+
+    Returns:
+      The state, each leaf already placed as ``state_shardings`` recommends.
+
+    Example:
+      >>> mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+      >>> w = jax.device_put(jnp.zeros((8, 256)), jax.NamedSharding(mesh, jax.P("fsdp")))
+      >>> state = sharded_init(optax.adam(1e-3), {"w": w})
+      >>> state[0].mu["w"].sharding == w.sharding  # Adam's moments are laid out as w
+      True
+      >>> tuple(state[0].count.sharding.spec)  # the count is replicated
+      ()
+    """
     return jax.jit(tx.init, out_shardings=state_shardings(tx, params))(params)

@@ -55,16 +55,48 @@ __all__ = [
 
 
 class StochasticRoundingState(NamedTuple):
-    """``key``: raw ``uint32`` PRNG key data, split every step (checkpoint-safe)."""
+    """State of ``stochastic_rounding``.
+
+    Attributes:
+      key: raw ``uint32`` PRNG key data, split every step (checkpoint-safe).
+
+    Example:
+      >>> state = stochastic_rounding(key=3).init({"w": jnp.ones(2, jnp.bfloat16)})
+      >>> state.key.dtype, state.key.shape  # no per-parameter state
+      (dtype('uint32'), (2,))
+    """
 
     key: jax.Array
 
 
 def round_stochastically(x: jax.Array, dtype: Any, u: jax.Array) -> jax.Array:
-    """``x`` (float32) rounded to ``dtype``: to the neighbour above with probability
-    ``(x - below) / (above - below)`` given uniform ``u`` in ``[0, 1)``, else below.
-    Values of ``dtype`` come back as they are; non-finite values round to nearest
-    (NaN stays NaN, infinities stay infinite)."""
+    """``x`` (float32) rounded stochastically to ``dtype``, unbiased.
+
+    To the neighbour above with probability ``(x - below) / (above - below)`` given
+    uniform ``u`` in ``[0, 1)``, else below. Values of ``dtype`` come back as they are;
+    non-finite values round to nearest (NaN stays NaN, infinities stay infinite).
+
+    Args:
+      x: the values (computed in float32).
+      dtype: the narrower floating dtype to round to (``jnp.bfloat16``,
+        ``jnp.float16``).
+      u: uniform noise in ``[0, 1)`` of ``x``'s shape.
+
+    Returns:
+      ``x`` rounded, in ``dtype``.
+
+    Example:
+      ``1 + 2**-9`` lies a quarter of the way from 1 to the next bfloat16, ``1 + 2**-7``:
+      it rounds up when ``u < 0.25``.
+
+      >>> x = jnp.full((4,), 1.0 + 2**-9)
+      >>> u = jnp.array([0.0, 0.25, 0.5, 0.75])  # evenly spread noise
+      >>> r = round_stochastically(x, jnp.bfloat16, u)
+      >>> r.dtype, r.astype(jnp.float32).tolist()  # up where u < 0.25
+      (dtype(bfloat16), [1.0078125, 1.0, 1.0, 1.0])
+      >>> float(r.astype(jnp.float32).mean()) == 1.0 + 2**-9  # unbiased: the mean is x
+      True
+    """
     x = x.astype(jnp.float32)
     near = x.astype(dtype)
     nearf = near.astype(jnp.float32)
@@ -156,7 +188,8 @@ def stochastic_rounding(key: int | None = None) -> optax.GradientTransformation:
       >>> params = {"w": jnp.ones((4, 4), jnp.bfloat16)}
       >>> tx = optax.chain(optax.sgd(1e-3), stochastic_rounding())
       >>> state = tx.init(params)
-      >>> u, state = tx.update({"w": jnp.ones((4, 4), jnp.bfloat16)}, state, params)
+      >>> grads = {"w": jnp.ones((4, 4), jnp.bfloat16)}
+      >>> u, state = jax.jit(tx.update)(grads, state, params)
       >>> new = optax.apply_updates(params, u)["w"]  # 1 - 1e-3: up or down, unbiased
       >>> bool(jnp.all((new == 1.0) | (new == 0.99609375)))
       True
@@ -190,8 +223,20 @@ def stochastic_rounding(key: int | None = None) -> optax.GradientTransformation:
 
 
 class CompensatedState(NamedTuple):
-    """``compensation``: a tree shaped like the params; for each low-precision param
-    what rounding lost so far, in the param's dtype (``EMPTY`` for float32 params)."""
+    """State of ``compensated``.
+
+    Attributes:
+      compensation: a tree shaped like the params; for each low-precision param what
+        rounding lost so far, in the param's dtype (``EMPTY`` for float32 params).
+
+    Example:
+      >>> params = {"w": jnp.ones(4, jnp.bfloat16), "b": jnp.ones(4)}
+      >>> state = compensated().init(params)
+      >>> state.compensation["w"].dtype, state.compensation["b"]  # float32: nothing
+      (dtype(bfloat16), MaskedNode())
+      >>> state_bytes(state) == 4 * 2  # 2 bytes per bfloat16 parameter
+      True
+    """
 
     compensation: Any
 
@@ -230,8 +275,9 @@ def compensated() -> optax.GradientTransformation:
       >>> params = {"w": jnp.ones((4,), jnp.bfloat16)}
       >>> tx = optax.chain(optax.sgd(1e-3), compensated())
       >>> state = tx.init(params)
+      >>> update = jax.jit(tx.update)
       >>> for _ in range(8):  # each step's -1e-3 alone rounds back to 1.0
-      ...     u, state = tx.update({"w": jnp.ones((4,), jnp.bfloat16)}, state, params)
+      ...     u, state = update({"w": jnp.ones((4,), jnp.bfloat16)}, state, params)
       ...     params = optax.apply_updates(params, u)
       >>> float(params["w"][0])  # 1 - 8e-3 to bfloat16's precision
       0.9921875
@@ -282,6 +328,14 @@ class EcoState(NamedTuple):
       key: raw ``uint32`` PRNG key data with ``rounding='stochastic'``, else ``EMPTY``.
       inner_state: the Adam-like inner transform's state (its first moment carries the
         weights' rounding error).
+
+    Example:
+      >>> tx = eco(scale_by_adam_like(), learning_rate=1e-3)
+      >>> state = tx.init({"w": jnp.ones(4, jnp.bfloat16)})
+      >>> int(state.count), state.key  # nearest rounding: no key
+      (0, MaskedNode())
+      >>> state.inner_state.mu["w"].dtype  # no state beyond the inner Adam's own
+      dtype(bfloat16)
     """
 
     count: jax.Array
@@ -352,8 +406,13 @@ def eco(
       >>> params = {"w": jnp.ones((8, 8), jnp.bfloat16)}
       >>> tx = eco(lowbit_optax.scale_by_adam_like(), learning_rate=1e-3)
       >>> state = tx.init(params)
-      >>> u, state = tx.update({"w": jnp.ones((8, 8), jnp.bfloat16)}, state, params)
+      >>> grads = {"w": jnp.ones((8, 8), jnp.bfloat16)}
+      >>> u, state = jax.jit(tx.update)(grads, state, params)
       >>> params = optax.apply_updates(params, u)
+      >>> params["w"].dtype, float(params["w"][0, 0])  # the 1e-3 step was rounded away
+      (dtype(bfloat16), 1.0)
+      >>> float(state.inner_state.mu["w"][0, 0]) > 0.1  # ... and waits in mu (Adam: 0.1)
+      True
 
     References:
       Nikdan et al., "ECO: Quantized Training without Full-Precision Master Weights",

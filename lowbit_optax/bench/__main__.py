@@ -1,9 +1,15 @@
-"""``python -m lowbit_optax.bench``: memory, speed and loss of every registered optimizer.
+"""``python -m lowbit_optax.bench``: memory, speed and loss of the registered optimizers.
 
-Runs the tasks ``lm``, ``digits``, ``update`` and ``memory`` (``--task`` also ``mlp_lm``;
-see ``tasks``) for the chosen optimizers, prints a table per task and writes
-``results.json``, ``results.md`` and ``results.png`` into ``--out``. Times are ratios to
-``optax.adamw`` measured interleaved in this process; see results.md for how to read them.
+Without flags, the main job (a few minutes on 2 CPU cores): one optimizer per technique
+(``registry.MAIN``) against ``optax.adamw`` on the tasks ``lm`` (a smaller model: quality,
+update and step time) and ``memory`` (compile-only state, update and training-step peaks
+of GPT-2 small and a 1B decoder). ``--full``: the complete suite (every default
+optimizer on ``lm``, ``digits``, ``update`` and ``memory`` at full size, with the
+whole-model memory recipes; about an hour), written into ``benchmarks/`` and the
+README's techniques table. Prints a table per task and the techniques table, and writes
+``results.json``, ``results.md``, ``results.png`` and ``techniques.md`` into ``--out``.
+Times are ratios to ``optax.adamw`` measured interleaved in this process; see results.md
+for how to read them.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
+import json
 import os
 import platform
 import shlex
@@ -25,8 +32,11 @@ from typing import Any
 from lowbit_optax.bench import registry
 
 TASK_NAMES = ("lm", "mlp_lm", "digits", "update", "memory")
-# what runs without --task: mlp_lm (1500 steps) is for the projection experiments
+# what --full (and --quick) runs without --task: mlp_lm (1500 steps) is for the
+# projection experiments
 DEFAULT_TASKS = ("lm", "digits", "update", "memory")
+# the main job's tasks (no --full, no --quick)
+MAIN_TASKS = ("lm", "memory")
 EXTRAS = {"flax": "flax", "matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
 
 
@@ -40,23 +50,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses and validates the command line (exits with status 2 on a bad value)."""
     parser = argparse.ArgumentParser(prog="python -m lowbit_optax.bench", description=__doc__)
     parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the complete suite at full size (about an hour on 2 CPU cores): every "
+        f"default optimizer on {', '.join(DEFAULT_TASKS)}, the whole-model memory recipes; "
+        "writes into benchmarks/ and README.md's techniques table unless --out/--readme "
+        "say otherwise. Without it, --quick, and any of --task, --optimizers, --seeds, "
+        f"--lrs, --set, --sweep, the main job runs: {', '.join(registry.MAIN)} against "
+        f"{registry.REFERENCE} on {', '.join(MAIN_TASKS)}, a smaller lm model (minutes); "
+        "choosing tasks or optimizers runs them at full size",
+    )
+    parser.add_argument(
         "--task",
         action="append",
         metavar="NAME[,NAME]",
         help=f"task(s) to run, repeatable or comma-separated: {', '.join(TASK_NAMES)} "
-        f"(default: {', '.join(DEFAULT_TASKS)})",
+        f"(default: {', '.join(DEFAULT_TASKS)}; the main job: {', '.join(MAIN_TASKS)})",
     )
     parser.add_argument(
         "--optimizers",
         metavar="NAME,...",
         help="registered optimizer names (default: all registered but the bf16 weight "
-        "recipes, which run only when named; "
+        f"recipes, which run only when named; the main job: {', '.join(registry.MAIN)}; "
         f"{registry.REFERENCE} is always included as the reference)",
     )
     parser.add_argument("--steps", type=int, help="override every task's default step count")
     parser.add_argument("--lr", type=float, help="override every task's default learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, init, gradients")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, under a minute")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (for tests; numbers mean nothing)"
+    )
     parser.add_argument(
         "--param-dtype",
         choices=("float32", "bfloat16"),
@@ -78,8 +101,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--calibrate-steps",
         type=int,
-        default=400,
-        help="steps of the calibration run (default 400: SNR records at steps 1, 100, ..., 400)",
+        default=None,
+        help="steps of the calibration run (default 400: SNR records at steps 1, 100, ..., "
+        "400; the main job: 100)",
     )
     parser.add_argument(
         "--lrs",
@@ -111,20 +135,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run each task once per seed (lm, digits: eval losses summarised per "
         "optimizer as mean and standard error over the seeds)",
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/bench; with --full: benchmarks)",
+    )
     parser.add_argument(
         "--readme",
         type=Path,
         default=None,
-        help="also rewrite the results table of this README (between its results markers)",
+        help="also rewrite the techniques table of this README (between its results "
+        "markers; default with --full: README.md)",
+    )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="run nothing: write results.md, results.png and techniques.md (and the "
+        "--readme table) anew from a results.json of an earlier run",
     )
     args = parser.parse_args(argv)
 
-    args.task = _split(args.task) or list(DEFAULT_TASKS)
+    if args.full and args.quick:
+        parser.error("--full and --quick exclude each other")
+    chosen = (args.task, args.optimizers, args.seeds, args.lrs, args.set, args.sweep)
+    if args.full:
+        args.mode = "full"
+    elif args.quick:
+        args.mode = "quick"
+    else:  # the main job, unless tasks or optimizers are chosen (today's full sizes)
+        args.mode = "custom" if any(chosen) else "main"
+    main_job = args.mode == "main"
+    if args.out is None:
+        args.out = Path("benchmarks" if args.full else "runs/bench")
+    if args.readme is None and args.full:
+        args.readme = Path("README.md")
+    args.task = _split(args.task) or list(MAIN_TASKS if main_job else DEFAULT_TASKS)
     unknown = [t for t in args.task if t not in TASK_NAMES]
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASK_NAMES)}")
-    requested = _split([args.optimizers]) if args.optimizers else registry.default_names()
+    if args.optimizers:
+        requested = _split([args.optimizers])
+    else:
+        requested = list(registry.MAIN) if main_job else registry.default_names()
     try:
         for name in requested:
             registry.get(name)
@@ -140,6 +194,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--steps must be a positive integer, got {args.steps}")
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    if args.calibrate_steps is None:
+        args.calibrate_steps = 100 if main_job else 400
     if args.calibrate_steps < 1:
         parser.error(f"--calibrate-steps must be a positive integer, got {args.calibrate_steps}")
     if args.lrs is not None:
@@ -244,6 +300,7 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "command": shlex.join(["python", "-m", "lowbit_optax.bench", *sys.argv[1:]]),
         "seed": args.seed,
+        "mode": args.mode,
         "quick": args.quick,
         "steps": args.steps,
         "lr": args.lr,
@@ -265,8 +322,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; returns the process exit status."""
     args = parse_args(argv)
     check_extras()
+    from tqdm import tqdm
+
     from lowbit_optax.bench import memory_task, report, tasks  # needs the extras checked above
 
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        _write(results, args, report)
+        return 0
     runners = (
         tasks.LMTask(),
         tasks.MLPLMTask(),
@@ -283,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr=args.lr,
         seed=args.seed,
         quick=args.quick,
+        fast=args.mode == "main",
         calibrate=args.calibrate,
         calibrate_steps=args.calibrate_steps,
         param_dtype=args.param_dtype,
@@ -304,27 +368,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             if name not in ("update", "memory")
             for lr in args.lrs
         ]
-    for key, name, run_settings in runs:
-        task_start = time.perf_counter()
-        optimizers = {n: f for n, f in factories.items() if registry.runs_on(n, name)}
-        results["tasks"][key] = task_of[name].run(optimizers, run_settings)
-        results["tasks"][key]["wall_s"] = time.perf_counter() - task_start
-        print(report.console_table(key, results["tasks"][key]), flush=True)
+    with tqdm(total=len(runs), desc=f"{args.mode} job", unit="task") as overall:
+        for key, name, run_settings in runs:
+            overall.set_postfix_str(key)
+            task_start = time.perf_counter()
+            optimizers = {n: f for n, f in factories.items() if registry.runs_on(n, name)}
+            results["tasks"][key] = task_of[name].run(optimizers, run_settings)
+            results["tasks"][key]["wall_s"] = time.perf_counter() - task_start
+            overall.write(report.console_table(key, results["tasks"][key]))
+            overall.update()
     if args.lrs is not None:
         results["sweeps"] = report.sweeps(results, args.lrs)
     if args.seeds is not None:
         results["seeds"] = report.seed_summary(results, args.seeds)
     results["meta"]["wall_s"] = time.perf_counter() - start
-
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_json(results, args.out / "results.json")
+    _write(results, args, report)
+    print(f"\ntechniques (optimizer against {registry.REFERENCE}):")
+    print(report.techniques_console(results))
+    print(f"\n{args.mode} job: {results['meta']['wall_s']:.0f} s")
+    return 0
+
+
+def _write(results: dict[str, Any], args: argparse.Namespace, report: Any) -> None:
+    """results.md, results.png and techniques.md into ``args.out`` (and the README's
+    techniques table with ``--readme``)."""
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(report.markdown(results))
+    (args.out / "techniques.md").write_text(report.techniques_markdown(results))
     report.plot(results, args.out / "results.png")
-    print(f"wrote {args.out}/results.json, results.md, results.png")
+    written = "results.md, results.png, techniques.md"
+    print(f"wrote {written} into {args.out}" + ("" if args.render else " (and results.json)"))
     if args.readme is not None:
         report.sync_readme(args.readme, results)
-        print(f"updated the results table in {args.readme}")
-    return 0
+        print(f"updated the techniques table in {args.readme}")
 
 
 if __name__ == "__main__":

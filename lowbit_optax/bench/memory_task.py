@@ -44,8 +44,9 @@ class MemoryTask:
 
     Then, under the record's ``whole_model`` key, every recipe of ``recipes`` (the
     optimizers are not used there; ``--quick`` with the default recipes: that of
-    ``QUICK_RECIPES``): what one training step needs on each model, split
-    into params, grads, optimizer state and transient (``whole_model_memory``).
+    ``QUICK_RECIPES``; the main job, ``Settings.fast``: none, ``--full`` compiles them):
+    what one training step needs on each model, split into params, grads, optimizer
+    state and transient (``whole_model_memory``).
     """
 
     name = "memory"
@@ -104,8 +105,10 @@ class MemoryTask:
         config["num_params"] = next(iter(config["models"].values()))["num_params"]
         record = {"config": config, "results": {t.name: t.record for t in trials}}
         recipes = self.recipes
-        if settings.quick and recipes is RECIPES:  # --quick: two of the default recipes
+        if settings.quick and recipes is RECIPES:  # --quick: one of the default recipes
             recipes = tuple(r for r in recipes if r.name in QUICK_RECIPES)
+        elif settings.fast and recipes is RECIPES:  # the main job: --full compiles them
+            recipes = ()
         if recipes:
             record["whole_model"] = self.run_whole_model(recipes, configs, batch_len, lr)
         return record

@@ -517,3 +517,46 @@ for _name, _make, _desc, _scale in (
     ("ademamix_q4", _q4(_ADEMAMIX), "quantize_state(optax.contrib.ademamix, bits=4)", 1.0),
 ):
     register(_name, _make, _desc, baseline=_name in ("lion", "muon", "ademamix"), lr_scale=_scale)
+
+
+# ---- the main job and the techniques table ----------------------------------------------
+
+MAIN = ("adamw_8bit", "slim_adamw", "galore_adamw", "sparse_ggt")
+"""The optimizers of the main job (``python -m lowbit_optax.bench`` without flags): one
+per technique (quantized state, SNR-selective second moment, low-rank projection,
+error-feedback compressed preconditioner), next to the reference."""
+
+PAPERS: dict[str, str] = {
+    "adamw": "Loshchilov & Hutter 2019 (reference)",
+    "adafactor": "Shazeer & Stern 2018 (optax)",
+    "galore": "Zhao et al. 2024 (optax.contrib)",
+    "adamw_8bit": "Dettmers et al. 2022",
+    "adamw_4bit": "Li et al. 2023",
+    "solo_adamw": "Xu et al. 2025 (SOLO)",
+    "adamw_2bit_plain": "contrast: 2-bit without SOLO's remedies",
+    "slim_adamw": "Kalra et al. 2025 (SlimAdam)",
+    "galore_adamw": "Zhao et al. 2024 (GaLore)",
+    "coap_adamw": "Xiao et al. 2025 (COAP)",
+    "subtrack_adamw": "Rajabi et al. 2025 (SubTrack-Grad)",
+    "sgd": "reference of error feedback",
+    "ef_top_k_sgd": "error feedback, Karimireddy et al. 2019",
+    "mfac": "Frantar et al. 2021 (M-FAC)",
+    "sparse_mfac": "Modoranu et al. 2023 (EFCP)",
+    "ggt": "Agarwal et al. 2019 (GGT)",
+    "sparse_ggt": "Modoranu et al. 2023 (EFCP)",
+    "lion": "Chen et al. 2023 (optax)",
+    "muon": "Jordan et al. 2024 (optax.contrib)",
+    "ademamix": "Pagliardini et al. 2024 (optax.contrib)",
+    "sgd_momentum": "quantize_state (any optax optimizer)",
+    "lion_": "quantize_state (any optax optimizer)",
+    "muon_": "quantize_state (any optax optimizer)",
+    "ademamix_": "quantize_state (any optax optimizer)",
+}
+
+
+def paper(name: str) -> str:
+    """The paper (or role) behind a registered optimizer or variant, for the techniques
+    table: the entry of ``PAPERS`` whose key is the longest prefix of its name."""
+    base = base_name(name)
+    keys = [k for k in PAPERS if base == k or base.startswith(k if k.endswith("_") else k + "_")]
+    return PAPERS[max(keys, key=len)] if keys else ""

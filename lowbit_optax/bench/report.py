@@ -258,25 +258,112 @@ def summary_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+def _task(results: Results, name: str) -> Results | None:
+    """The record of task ``name`` (its single run; None if it did not run)."""
+    task = results["tasks"].get(name)
+    return task if task is not None and task.get("results") else None
+
+
+def _memory_model(task: Results) -> str:
+    """The memory task's largest model (the 1B decoder of the default sizes)."""
+    models = task["config"]["models"]
+    return max(models, key=lambda m: models[m]["num_params"])
+
+
+def techniques_rows(results: Results) -> list[list[str]]:
+    """Header and one row per optimizer: its paper, state and training-step peak
+    (memory task, the largest model), eval loss vs the reference (lm), update time vs
+    the reference (the update task, else lm) and step time vs the reference (lm)."""
+    ref = registry.REFERENCE
+    lm, update, memory = (_task(results, n) for n in ("lm", "update", "memory"))
+    timed = update or lm
+    header = [
+        "optimizer",
+        "paper",
+        "state B/param",
+        "step peak B/param",
+        f"eval loss vs {ref}",
+        f"update time vs {ref}",
+        f"step time vs {ref}",
+    ]
+    names = list(dict.fromkeys(n for t in (lm, memory, timed) if t for n in t["results"]))
+    ratio = lambda r: "n/a" if r is None else f"{r:.2f}x"
+    rows = [header]
+    for name in names:
+        mem = memory["results"].get(name) if memory else None
+        mem = (mem or {}).get("memory", {}).get(_memory_model(memory)) if memory else None
+        rec = lm["results"].get(name) if lm else None
+        ok = rec is not None and rec["status"] == "ok"
+        time_rec = timed["results"].get(name) if timed else None
+        time_ok = time_rec is not None and time_rec["status"] == "ok"
+        state = mem["state"] if mem else (rec["bytes_per_param"] if ok else None)
+        rows.append(
+            [
+                name,
+                registry.paper(name),
+                fmt(state, ".2f"),
+                fmt(mem["step_peak"] if mem else None, ".2f"),
+                _vs_reference(rec, lm["results"].get(ref)) if ok else "n/a",
+                ratio(time_rec["update_ratio"]) if time_ok else "n/a",
+                ratio(rec["step_ratio"]) if ok else "n/a",
+            ]
+        )
+    return rows
+
+
+def techniques_caption(results: Results) -> str:
+    """Where each column of the techniques table comes from, and how it was run."""
+    meta = results["meta"]
+    lm, update, memory = (_task(results, n) for n in ("lm", "update", "memory"))
+    parts = []
+    if memory:
+        model = _memory_model(memory)
+        n = memory["config"]["models"][model]["num_params"]
+        batch = " x ".join(map(str, memory["config"]["batch"]))
+        parts.append(
+            f"state and step peak: compile-only on {model} ({n / 1e9:.2f}B params, float32; "
+            f"step peak = XLA's planned peak of the donated training step, batch {batch} "
+            "tokens, activations included)"
+        )
+    if lm:
+        c = lm["config"]
+        parts.append(
+            f"eval loss and step time: the lm task ({c['num_params'] / 1e6:.1f}M params, "
+            f"{c['steps']} steps at lr {c['lr']:g})"
+        )
+    timed = "the update task" if update else "the lm task"
+    parts.append(f"update time: {timed}, medians interleaved with {registry.REFERENCE}")
+    device = f"{meta['device_kind']} ({meta['backend']}, {meta['cpu_count']} CPU cores)"
+    when = meta["date"][:10]
+    return (
+        f"Measured {when} on {device} by `{meta['command']}`; " + "; ".join(parts) + "; n/a: "
+        "not run on that task (EFCP windows do not fit the large shapes; their state is "
+        "that of the lm model)."
+    )
+
+
+def techniques_markdown(results: Results) -> str:
+    """The techniques table (README and docs) with its caption, as markdown."""
+    return f"{_markdown(techniques_rows(results), left=2)}\n\n{techniques_caption(results)}\n"
+
+
+def techniques_console(results: Results) -> str:
+    """The techniques table as plain text."""
+    return "\n".join(_plain(techniques_rows(results), left=2))
+
+
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def sync_readme(readme: Path, results: Results) -> None:
-    """Replaces the README's block between the results markers with the summary table."""
+    """Replaces the README's block between the results markers with the techniques
+    table (``techniques_markdown``)."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} block")
     head, rest = text.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
-    meta = results["meta"]
-    device = f"{meta['device_kind']} ({meta['backend']}, {meta['cpu_count']} CPU cores)"
-    block = f"\nMeasured on {device}:\n\n{summary_table(results)}\n"
-    memory = [t for t in results["tasks"].values() if is_memory_task(t)]
-    if memory:
-        block += (
-            "\nMemory, compile-only, bytes per parameter (update peak with its limit "
-            "params + grads + state + 1):\n\n" + markdown_table(memory[0]) + "\n"
-        )
+    block = "\n" + techniques_markdown(results)
     readme.write_text(head + README_BEGIN + block + README_END + tail)
 
 

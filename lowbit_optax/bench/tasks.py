@@ -62,6 +62,7 @@ class Settings:
     lr: float | None = None
     seed: int = 0
     quick: bool = False
+    fast: bool = False  # the main job's sizes (quick wins over it)
     calibrate: bool = False
     calibrate_steps: int = 400
     time_updates: bool = True
@@ -401,7 +402,7 @@ class TrainingTask:
         batches of another seed, for ``settings.calibrate_steps`` steps, recording SNRs at
         step 1 and every ``steps // 4`` (every 100 at the default 400 steps); rules from
         the mean over the records (threshold 1). Cached per seed and size."""
-        key = (settings.seed, settings.quick, settings.calibrate_steps)
+        key = (settings.seed, settings.quick, settings.fast, settings.calibrate_steps)
         cache = self.__dict__.setdefault("_calibrations", {})
         if key not in cache:
             cache[key] = self._calibrate(problem, settings)
@@ -534,21 +535,31 @@ class LMTask(TrainingTask):
 
     # 300 steps at lr 1e-3
     default_plan = Plan(steps=300, lr=1e-3, log_every=10, eval_every=50, rounds=5, calls=5)
+    # the main job: 150 steps of the smaller model, fewer timing rounds
+    fast_plan = Plan(
+        steps=150, lr=3e-3, log_every=10, eval_every=50, rounds=3, calls=5, amortized_rounds=1
+    )
 
     def plan(self, settings: Settings) -> Plan:
-        """``default_plan`` (quick: 20 steps)."""
-        base = _quick_plan(calls=2) if settings.quick else self.default_plan
+        """``default_plan`` (quick: 20 steps; fast: ``fast_plan``)."""
+        if settings.quick:
+            base = _quick_plan(calls=2)
+        else:
+            base = self.fast_plan if settings.fast else self.default_plan
         return _override(base, settings)
 
-    def model_config(self, quick: bool) -> models.LMConfig:
-        """Depth 4, width 256, 4 heads, 128 tokens (quick: depth 1, width 64, 64 tokens)."""
+    def model_config(self, quick: bool, fast: bool = False) -> models.LMConfig:
+        """Depth 4, width 256, 4 heads, 128 tokens (quick: depth 1, width 64, 64 tokens;
+        fast: depth 2, width 128, 64 tokens)."""
         if quick:
             return models.LMConfig(width=64, depth=1, heads=4, seq_len=64)
+        if fast:
+            return models.LMConfig(width=128, depth=2, heads=4, seq_len=64)
         return models.LMConfig()
 
     def problem(self, settings: Settings) -> Problem:
         """TransformerLM split into a pure parameter dict; eval on fixed held-out windows."""
-        cfg = self.model_config(settings.quick)
+        cfg = self.model_config(settings.quick, settings.fast)
         text = data.pydoc_text()
         model = self.model(cfg, rngs=nnx.Rngs(settings.seed))
         # bfloat16: the params are stored in it and every layer computes in it (an
@@ -602,9 +613,9 @@ class MLPLMTask(LMTask):
     # 1500 steps; lr from an adamw sweep (benchmarks/mlp_lm_lrs)
     default_plan = Plan(steps=1500, lr=3e-3, log_every=10, eval_every=100, rounds=5, calls=5)
 
-    def model_config(self, quick: bool) -> models.MLPLMConfig:
+    def model_config(self, quick: bool, fast: bool = False) -> models.MLPLMConfig:
         """8 bytes of context, 64 per byte, two 512-wide layers, 128 tokens a window
-        (quick: 4 bytes of 16, 64 wide, 64 tokens)."""
+        (quick: 4 bytes of 16, 64 wide, 64 tokens; ``fast`` changes nothing)."""
         if quick:
             return models.MLPLMConfig(context=4, embed=16, hidden=64, seq_len=64)
         return models.MLPLMConfig()

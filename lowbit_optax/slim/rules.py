@@ -43,8 +43,16 @@ class PathRules:
     callable argument for a schedule. ``rules=PathRules(fn)`` works wherever
     ``rules=fn`` does, and under ``inject_hyperparams`` without ``static_args``.
 
+    Attributes:
+      fn: ``(path, leaf) -> axes | None``, called with each param's ``/``-joined path
+        and the leaf (or its ``ShapeDtypeStruct``).
+
     Example:
       >>> rules = PathRules(lambda path, leaf: (1,) if path.endswith("kernel") else None)
+      >>> params = {"dense": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}}
+      >>> resolve_rules(rules, params)  # leaves in flatten order: bias, kernel
+      [(), (1,)]
+      >>> tx = optax.inject_hyperparams(slim_adamw)(1e-3, rules=rules)  # kept static
     """
 
     fn: RuleFn
@@ -81,6 +89,16 @@ def rules_from_snr(
       Rules: a nested dict keyed like the params (path components; all-digit components
       become ints, as ``nnx.to_pure_dict`` keys list layers) with an axis tuple or
       ``None`` per leaf.
+
+    Example:
+      ``V`` varies less down its columns (axis 0: SNR 9) than along its rows (axis 1:
+      SNR 4), so axis 0 wins; the 1-D bias is never compressed by default.
+
+      >>> table = snr_table({"w": jnp.array([[1.0, 3.0], [2.0, 6.0]]), "b": jnp.ones(2)})
+      >>> rules_from_snr([table])
+      {'b': None, 'w': (0,)}
+      >>> rules_from_snr([table], threshold=10.0)  # no candidate above it
+      {'b': None, 'w': None}
     """
     if not (
         isinstance(records, list)
@@ -152,13 +170,40 @@ def _flatten_rules(rules: Mapping[Any, Any]) -> dict[str, Any]:
 
 
 def rules_to_json(rules: Mapping[Any, Any]) -> str:
-    """JSON text of rules: ``{"path": [axes] | null}`` with ``/``-joined parameter paths."""
+    """JSON text of rules: ``{"path": [axes] | null}`` with ``/``-joined parameter paths.
+
+    Args:
+      rules: a rules mapping, nested (as ``rules_from_snr`` returns) or flat.
+
+    Returns:
+      The JSON text (``rules_from_json`` reads it back).
+
+    Example:
+      >>> import json
+      >>> text = rules_to_json({"blocks": {0: {"q": {"kernel": (0,)}}}, "b": None})
+      >>> json.loads(text)
+      {'blocks/0/q/kernel': [0], 'b': None}
+    """
     flat = _flatten_rules(rules)
     return json.dumps({k: None if v is None else list(v) for k, v in flat.items()}, indent=1)
 
 
 def rules_from_json(text: str) -> dict[Any, Any]:
-    """Rules from ``rules_to_json`` text (a nested dict, as ``rules_from_snr`` returns)."""
+    """Rules from ``rules_to_json`` text (a nested dict, as ``rules_from_snr`` returns).
+
+    Args:
+      text: a JSON object of ``/``-joined parameter paths to axis lists or ``null``.
+
+    Returns:
+      Nested rules; all-digit path components become int keys, axis lists tuples.
+
+    Example:
+      >>> rules = {"blocks": {0: {"q": {"kernel": (0,)}}}, "b": None}
+      >>> rules_from_json(rules_to_json(rules)) == rules
+      True
+      >>> rules_from_json('{"mlp/fc1/kernel": [1], "mlp/fc1/bias": null}')
+      {'mlp': {'fc1': {'kernel': (1,), 'bias': None}}}
+    """
     data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError(f"rules JSON must be an object of path -> axes, got {type(data)}")
@@ -191,6 +236,25 @@ def flax_default_rules(path: str, leaf: Any = None) -> Axes | None:
 
     Use as ``rules=flax_default_rules`` (``slim_adamw``'s default); wrap it to change
     single layers.
+
+    Args:
+      path: the parameter's ``/``-joined path (``"blocks/0/attn/q/kernel"``).
+      leaf: the parameter (or anything with a ``shape``).
+
+    Returns:
+      The averaging axes, or ``None`` (no compression).
+
+    Example:
+      >>> flax_default_rules("blocks/0/attn/q/kernel", jnp.zeros((64, 4, 16)))
+      (0,)
+      >>> flax_default_rules("blocks/0/attn/out/kernel", jnp.zeros((4, 16, 64)))
+      (2,)
+      >>> flax_default_rules("blocks/0/mlp/fc1/kernel", jnp.zeros((64, 256)))
+      (1,)
+      >>> flax_default_rules("embed/embedding", jnp.zeros((100, 64)))
+      (1,)
+      >>> flax_default_rules("blocks/0/ln1/scale", jnp.zeros(64)) is None
+      True
     """
     if leaf is None and not isinstance(path, str):
         raise ValueError(
@@ -217,8 +281,23 @@ def flax_default_rules(path: str, leaf: Any = None) -> Axes | None:
 
 
 def resolve_rules(rules: Rules, tree: Any) -> list[Axes]:
-    """Per leaf of ``tree`` (flatten order), the normalised averaging axes (``()`` for
-    none). Raises for missing paths and axes that do not fit a leaf."""
+    """Per leaf of ``tree`` (flatten order), the normalised averaging axes.
+
+    Raises for missing paths and axes that do not fit a leaf.
+
+    Args:
+      rules: a rules mapping (nested or flat), a callable ``(path, leaf) -> axes |
+        None`` or a ``PathRules``.
+      tree: the params (or any tree with their paths and shapes).
+
+    Returns:
+      A list with, per leaf, its sorted non-negative axes (``()``: no compression).
+
+    Example:
+      >>> params = {"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}
+      >>> resolve_rules({"w": (-1,), "b": None}, params)  # flatten order: b, w
+      [(), (1,)]
+    """
     if rules is None:
         raise ValueError(
             "rules is required: a mapping of parameter paths to axis tuples (from "
@@ -256,7 +335,20 @@ def resolve_rules(rules: Rules, tree: Any) -> list[Axes]:
 
 
 def removed_fraction(params: Any, rules: Rules) -> float:
-    """Fraction of the second moment's entries that ``rules`` remove (0 = plain Adam)."""
+    """Fraction of the second moment's entries that ``rules`` remove (0 = plain Adam).
+
+    Args:
+      params: the params (or their ``ShapeDtypeStruct`` tree).
+      rules: rules as ``scale_by_slim_adam`` takes them.
+
+    Returns:
+      ``1 - kept / total`` over all leaves, a Python float.
+
+    Example:
+      >>> params = {"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}
+      >>> removed_fraction(params, {"w": (1,), "b": None})  # keeps 4 + 8 of 40
+      0.7
+    """
     leaves = [x for _, x in leaves_with_paths(params)]
     full = sum(math.prod(x.shape) for x in leaves)
     kept = sum(

@@ -39,7 +39,20 @@ Table = dict[str, dict[Axes, float]]
 
 
 def candidate_axes(ndim: int) -> tuple[Axes, ...]:
-    """Every non-empty subset of ``range(ndim)``, smallest first, then lexicographic."""
+    """Every non-empty subset of ``range(ndim)``, smallest first, then lexicographic.
+
+    Args:
+      ndim: the rank of a leaf.
+
+    Returns:
+      The candidate axis sets SNR tables and records list, in their order.
+
+    Example:
+      >>> candidate_axes(2)
+      ((0,), (1,), (0, 1))
+      >>> len(candidate_axes(3))  # 2**3 - 1
+      7
+    """
     return tuple(
         c for size in range(1, ndim + 1) for c in itertools.combinations(range(ndim), size)
     )
@@ -70,6 +83,19 @@ def snr(nu: jax.Array, axes: Sequence[int]) -> jax.Array:
     Args:
       nu: a second moment (e.g. an uncorrected Adam ``nu``), rank >= 1.
       axes: the averaging axes ``K`` (non-empty; negative axes allowed).
+
+    Returns:
+      A float32 scalar array.
+
+    Example:
+      Rows ``(1, 3)`` and ``(2, 6)`` each have mean**2 / variance = 4; columns
+      ``(1, 2)`` and ``(3, 6)`` each 9:
+
+      >>> nu = jnp.array([[1.0, 3.0], [2.0, 6.0]])
+      >>> float(snr(nu, (1,))), float(snr(nu, (0,)))
+      (4.0, 9.0)
+      >>> float(snr(jnp.ones((2, 3)), (1,)))  # constant slices: no noise at all
+      inf
     """
     x = jnp.asarray(nu, jnp.float32)
     if x.ndim == 0:
@@ -96,6 +122,19 @@ def snr_table(nu_tree: Any) -> Table:
     """Every leaf's SNR for every non-empty axis subset: ``{path: {axes: snr}}``.
 
     Host floats; paths as in ``rules_to_json``. Scalar leaves have no candidates (``{}``).
+
+    Args:
+      nu_tree: a tree of second moments (e.g. ``optax.adam``'s ``nu``).
+
+    Returns:
+      ``{path: {axes: snr}}`` with the axes of ``candidate_axes(ndim)``.
+
+    Example:
+      >>> table = snr_table({"w": jnp.array([[1.0, 3.0], [2.0, 6.0]]), "s": jnp.ones(())})
+      >>> table["s"], table["w"][(0,)], table["w"][(1,)]
+      ({}, 9.0, 4.0)
+      >>> list(table["w"])
+      [(0,), (1,), (0, 1)]
     """
     out: Table = {}
     for path, nu in leaves_with_paths(nu_tree):
@@ -122,6 +161,14 @@ class SNRCalibrationState(NamedTuple):
         len(candidate_axes(ndim)))`` array of SNRs, stored finite: -1 for undefined
         (``nan``; also empty slots), float32 max for ``inf``; ``MaskedNode`` for scalar
         leaves. ``snr_records`` decodes them.
+
+    Example:
+      >>> tx = snr_calibration(optax.adam(1e-3), every=10, max_records=4)
+      >>> state = tx.init({"w": jnp.zeros((8, 4)), "b": jnp.zeros(4)})
+      >>> state.records["w"].shape  # 4 records of the 3 candidates of a 2-D leaf
+      (4, 3)
+      >>> state.steps.tolist()  # no record yet
+      [0, 0, 0, 0]
     """
 
     inner_state: optax.OptState
@@ -169,10 +216,17 @@ def snr_calibration(
       max_records: records kept (a ring: later records overwrite the oldest; default
         16).
 
+    Returns:
+      A ``GradientTransformationExtraArgs`` whose state is an ``SNRCalibrationState``.
+
     Example:
       >>> import jax.numpy as jnp, optax
       >>> tx = snr_calibration(optax.adamw(1e-4), every=100)
-      >>> state = tx.init({"w": jnp.zeros((64, 32))})
+      >>> params = {"w": jnp.ones((8, 4))}
+      >>> state = tx.init(params)
+      >>> updates, state = jax.jit(tx.update)(params, state, params)  # step 1: recorded
+      >>> list(snr_records(state)[0]["w"])  # SNR per candidate axis set
+      [(0,), (1,), (0, 1)]
     """
     every = static_arg("every", every, 100)
     max_records = static_arg("max_records", max_records, 16)
@@ -240,12 +294,34 @@ def _decode_snr(x: np.ndarray) -> np.ndarray:
 
 
 def snr_records(opt_state: Any, *, with_steps: bool = False) -> Any:
-    """The SNR tables recorded by ``snr_calibration`` (oldest first), read from its
-    state or from any optimizer state containing it.
+    """The SNR tables recorded by ``snr_calibration`` (oldest first).
 
-    With ``with_steps=True`` returns ``(steps, tables)``, ``steps`` the step of each
-    record. (The step-1 record reflects a single gradient's square and has low SNRs;
-    ``rules_from_snr(tables[1:])`` leaves it out.)"""
+    Read from its state or from any optimizer state containing it. (The step-1 record
+    reflects a single gradient's square and has low SNRs; ``rules_from_snr(tables[1:])``
+    leaves it out.)
+
+    Args:
+      opt_state: an ``SNRCalibrationState`` or any optimizer state holding one.
+      with_steps: also return the step of each record.
+
+    Returns:
+      A list of ``snr_table``-style tables, or ``(steps, tables)`` with
+      ``with_steps=True``.
+
+    Example:
+      >>> tx = snr_calibration(optax.adam(0.1), every=2)
+      >>> params = {"w": jnp.ones((4, 8))}
+      >>> state = tx.init(params)
+      >>> update = jax.jit(tx.update)
+      >>> for i in range(3):  # records at steps 1 and 2
+      ...     grads = {"w": jnp.arange(32.0).reshape(4, 8) * (i + 1)}
+      ...     _, state = update(grads, state)
+      >>> steps, tables = snr_records(state, with_steps=True)
+      >>> steps, list(tables[-1]["w"])
+      ([1, 2], [(0,), (1,), (0, 1)])
+      >>> rules_from_snr(tables)  # rows are smooth here: average along axis 1
+      {'w': (1,)}
+    """
     states = [
         s
         for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SNRCalibrationState))

@@ -45,6 +45,18 @@ class ScaleBySlimAdamState(NamedTuple):
         dtype), or, when ``nu_bits`` is set and it has ``min_size`` elements, the codes
         of that array laid out as ``(1, ..., 1, size)`` (blocks along its values).
       nu_scales: per-block scales of quantized ``nu`` leaves, else ``MaskedNode``.
+
+    Example:
+      >>> tx = scale_by_slim_adam(rules={"w": (1,), "b": None})
+      >>> state = tx.init({"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)})
+      >>> state.nu["w"].shape, state.nu["b"].shape  # w's nu averaged over axis 1
+      ((64, 1), (32,))
+      >>> state_bytes(state.nu) == (64 + 32) * 4  # instead of (64 * 32 + 32) * 4
+      True
+      >>> tx = scale_by_slim_adam(rules={"w": (1,)}, mu_bits=8)
+      >>> state = tx.init({"w": jnp.zeros((64, 256))})
+      >>> state.mu["w"].dtype, state.mu_scales["w"].shape  # 8-bit mu, 2 blocks a row
+      (dtype('uint8'), (64, 2))
     """
 
     count: jax.Array
@@ -188,7 +200,9 @@ def scale_by_slim_adam(
       >>> params = {"dense": {"kernel": jnp.zeros((64, 32))}}
       >>> tx = optax.chain(scale_by_slim_adam(rules={"dense": {"kernel": (1,)}}),
       ...                  optax.scale_by_learning_rate(1e-3))
-      >>> state = tx.init(params)  # nu of the kernel has shape (64, 1)
+      >>> state = tx.init(params)
+      >>> state[0].nu["dense"]["kernel"].shape
+      (64, 1)
 
     References:
       Kalra et al., When Can You Get Away with Low Memory Adam?, arXiv 2503.01843.
@@ -396,6 +410,38 @@ def slim_state_from_adam(adam_state: Any, rules: Rules, **quantization: Any) -> 
 
     Since ``mean_K`` commutes with the EMA, the result equals the state SlimAdam would
     have reached on the same gradients.
+
+    Args:
+      adam_state: an optimizer state containing ``optax.ScaleByAdamState`` (or an
+        ``SNRCalibrationState``).
+      rules: the averaging axes, as ``scale_by_slim_adam`` takes them.
+      mu_bits: as ``scale_by_slim_adam``.
+      nu_bits: as ``scale_by_slim_adam``.
+      mu_map: as ``scale_by_slim_adam``.
+      nu_map: as ``scale_by_slim_adam``.
+      block_size: as ``scale_by_slim_adam``.
+      min_size: as ``scale_by_slim_adam``.
+
+    Returns:
+      ``adam_state`` with each ``ScaleByAdamState`` replaced by a
+      ``ScaleBySlimAdamState``.
+
+    Example:
+      >>> params = {"w": jnp.ones((4, 8))}
+      >>> grads = {"w": jnp.arange(32.0).reshape(4, 8)}
+      >>> adamw = optax.adamw(1e-3)
+      >>> _, state = jax.jit(adamw.update)(grads, adamw.init(params), params)
+      >>> slim = slim_state_from_adam(state, {"w": (1,)})
+      >>> slim[0].nu["w"].shape
+      (4, 1)
+      >>> tx = slim_adamw(1e-3, rules={"w": (1,)})  # what SlimAdam would have reached
+      >>> update = jax.jit(tx.update)
+      >>> _, direct = update(grads, tx.init(params), params)
+      >>> bool(jnp.allclose(direct[0].nu["w"], slim[0].nu["w"]))
+      True
+      >>> updates, slim = update(grads, slim, params)  # training continues
+      >>> int(slim[0].count)
+      2
     """
     unknown = set(quantization) - set(_QUANTIZATION)
     if unknown:
