@@ -75,7 +75,7 @@ def adamw_8bit(
       min_size: smaller leaves (and scalars) keep float32 moments (default 4096).
 
     Example:
-      >>> import jax.numpy as jnp, optax
+      >>> import jax, jax.numpy as jnp, optax
       >>> params = {"w": jnp.ones((256, 256))}
       >>> tx = adamw_8bit(1e-3)
       >>> state = tx.init(params)
@@ -762,6 +762,7 @@ def lion_8bit(
       min_size: smaller leaves keep a float32 ``mu`` (default 4096).
 
     Example:
+      >>> from lowbit_optax import state_bytes
       >>> import jax.numpy as jnp
       >>> tx = lion_8bit(1e-4)
       >>> state = tx.init({"w": jnp.ones((256, 256))})
@@ -797,6 +798,7 @@ def sgd_momentum_8bit(
       min_size: smaller leaves keep a float32 ``trace`` (default 4096).
 
     Example:
+      >>> from lowbit_optax import state_bytes
       >>> import jax.numpy as jnp
       >>> tx = sgd_momentum_8bit(1e-2, momentum=0.9, nesterov=True)
       >>> state = tx.init({"w": jnp.ones((256, 256))})
@@ -841,6 +843,7 @@ def muon_8bit(
         ``muon_weight_dimension_numbers``, ``consistent_rms``), passed on.
 
     Example:
+      >>> from lowbit_optax import memory_report
       >>> import jax.numpy as jnp
       >>> tx = muon_8bit(0.02, nesterov=True)
       >>> params = {"w": jnp.ones((256, 256)), "b": jnp.zeros(256)}
@@ -895,6 +898,7 @@ def ademamix_8bit(
       min_size: smaller leaves keep float32 moments (default 4096).
 
     Example:
+      >>> from lowbit_optax import state_bytes
       >>> import jax.numpy as jnp
       >>> tx = ademamix_8bit(1e-3)
       >>> state = tx.init({"w": jnp.ones((256, 256))})

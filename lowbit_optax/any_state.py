@@ -78,6 +78,7 @@ class QuantizeStateState(NamedTuple):
         (``EMPTY``, no leaves, unless ``rounding='stochastic'``).
 
     Example:
+      >>> from lowbit_optax import state_bytes
       >>> tx = quantize_state(optax.scale_by_adam(), bits=4)
       >>> state = jax.eval_shape(tx.init, {"w": jnp.zeros((64, 256))})  # shapes only
       >>> mu = state.inner_state.mu["w"]
@@ -135,6 +136,7 @@ def quantize_state(
     state fields.
 
     Example:
+      >>> from lowbit_optax import state_bytes
       >>> import jax.numpy as jnp, optax
       >>> tx = quantize_state(optax.lion(1e-4), bits=8)
       >>> params = {"w": jnp.ones((256, 256))}

@@ -527,6 +527,7 @@ class ErrorFeedbackState(NamedTuple):
         ``EMPTY`` where there is none).
 
     Example:
+      >>> from lowbit_optax import state_bytes
       >>> tx = error_feedback(low_rank(2), accumulator_dtype=jnp.bfloat16)
       >>> state = tx.init({"w": jnp.zeros((16, 8)), "b": jnp.zeros(8)})
       >>> state.error["w"].dtype, state.compressor_state["w"].shape  # Q^T is (r, n)

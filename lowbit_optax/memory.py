@@ -105,6 +105,7 @@ class LeafMemory:
       bytes: ``ceil(size * bits / 8)``, as ``state_bytes`` counts it.
 
     Example:
+      >>> import optax
       >>> params = {"w": jnp.zeros((128, 64))}
       >>> leaf = memory_report(optax.adam(1e-3).init(params), params).leaves[1]
       >>> leaf
@@ -131,6 +132,7 @@ class MemoryReport:
     ``str(report)``) lays the leaves out as a plain-text table.
 
     Example:
+      >>> import optax
       >>> params = {"w": jnp.zeros((128, 64)), "b": jnp.zeros(64)}
       >>> report = memory_report(optax.adam(1e-3).init(params), params)
       >>> report.total_bytes == 8 * report.num_params + 4  # mu + nu + int32 count
@@ -201,6 +203,7 @@ def memory_report(opt_state: Any, params: Any) -> MemoryReport:
       Shapes are enough (``jax.eval_shape`` allocates nothing). 8-bit Adam keeps two
       one-byte codes and two float32 scales per 128 values: ``2 + 8 / 128`` bytes.
 
+      >>> from lowbit_optax import adamw_8bit
       >>> params = {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}
       >>> state = jax.eval_shape(adamw_8bit(1e-3).init, params)
       >>> report = memory_report(state, params)
@@ -343,6 +346,7 @@ class StepMemory:
     Example:
       SGD has no state; its donated update needs the params and the gradients:
 
+      >>> import optax
       >>> params = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32)}
       >>> m = step_memory(optax.sgd(1e-2), params)
       >>> m.num_params, m.state_bytes, m.train_step is None

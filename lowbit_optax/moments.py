@@ -56,6 +56,7 @@ class MomentAccess(NamedTuple):
       A quantized Adam's moments span five fields, decoded and encoded by ``get`` and
       ``put``:
 
+      >>> from lowbit_optax import scale_by_quantized_adam
       >>> scale_by_quantized_adam().moments.fields
       ('mu_codes', 'mu_scales', 'nu_codes', 'nu_scales', 'nu_bases')
 

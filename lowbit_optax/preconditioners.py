@@ -110,6 +110,8 @@ class ScaleByWindowState(NamedTuple):
       A sparse window of ``m = 8`` top-25% gradients of a ``(16, 32)`` param keeps 8
       values and 8 indices per row and step:
 
+      >>> from lowbit_optax import state_bytes
+      >>> from lowbit_optax import top_k
       >>> tx = scale_by_mfac(num_grads=8, compressor=top_k(0.25))
       >>> state = tx.init({"w": jnp.zeros((16, 32))})
       >>> state.values["w"].shape, state.indices["w"].shape, state.gram.shape
@@ -472,6 +474,7 @@ def scale_by_mfac(
       With one gradient in the window, ``F = lam I + g g^T / m`` and ``F^{-1} g =
       g / (lam + |g|^2 / m)``: here ``g / (1 + 4 / 4)``.
 
+      >>> import numpy as np
       >>> tx = scale_by_mfac(num_grads=4, damping=1.0)
       >>> g = {"w": jnp.array([2.0, 0.0, 0.0, 0.0])}
       >>> state = tx.init(g)
@@ -533,6 +536,7 @@ def scale_by_ggt(
       With one gradient in the window, ``(g g^T)^{1/2} = g g^T / |g|``, so the first
       step is ``g / (|g| + eps)``, a unit vector:
 
+      >>> import numpy as np
       >>> tx = scale_by_ggt(num_grads=3)
       >>> g = {"w": jnp.array([3.0, 4.0])}
       >>> state = tx.init(g)

@@ -253,6 +253,7 @@ def low_rank_projection(
     Example:
       GaLore-style Adam at rank 2 (``min_dim=4`` so that this small matrix qualifies):
 
+      >>> import numpy as np
       >>> tx = low_rank_projection(optax.scale_by_adam(), rank=2, min_dim=4)
       >>> params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
       >>> state = tx.init(params)

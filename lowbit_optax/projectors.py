@@ -247,6 +247,9 @@ class SVDProjector(Projector):
     ``projector``.
 
     Example:
+      >>> import numpy as np
+      >>> import optax
+      >>> from lowbit_optax import low_rank_projection
       >>> tx = low_rank_projection(optax.scale_by_adam(), rank=2, min_dim=4,
       ...                          projector=SVDProjector(), update_interval=1)
       >>> grads = {"w": jnp.arange(32.0).reshape(8, 4) % 5}
@@ -279,6 +282,9 @@ class COAPProjector(Projector):
         ``Y <- Gk Gk^T qr(Y)``; the paper's one-pass finder is ``0``.
 
     Example:
+      >>> import numpy as np
+      >>> import optax
+      >>> from lowbit_optax import low_rank_projection
       >>> coap = COAPProjector(reproject_factor=2, scale_aware=True)
       >>> tx = low_rank_projection(optax.scale_by_adam(), rank=2, min_dim=4,
       ...                          projector=coap, update_interval=1)
@@ -360,6 +366,9 @@ class SubTrackProjector(Projector):
         of ``r`` (at least one), or ``None``: all ``r``.
 
     Example:
+      >>> from lowbit_optax import scale_by_adam_like
+      >>> from lowbit_optax import low_rank_projection
+      >>> import numpy as np
       >>> sub = SubTrackProjector(step_size=0.5, directions=None)
       >>> sub.turned(4)  # None turns every direction of a rank-4 subspace
       4

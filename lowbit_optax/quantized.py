@@ -66,6 +66,7 @@ class ScaleByQuantizedAdamState(NamedTuple):
       A 4-bit state: the ``(64, 256)`` weight keeps 4-bit codes and one float32 scale
       per 128-value block; the 256-value bias is below ``min_size`` and stays float32.
 
+      >>> from lowbit_optax import state_bytes
       >>> tx = scale_by_quantized_adam(mu_bits=4, nu_bits=4)
       >>> state = tx.init({"w": jnp.zeros((64, 256)), "b": jnp.zeros(256)})
       >>> state.mu_codes["w"].shape, state.mu_codes["w"].dtype, state.mu_scales["w"].shape

@@ -20,12 +20,14 @@ else is replicated.
 Example:
   >>> import jax, jax.numpy as jnp, optax
   >>> import lowbit_optax as lo
-  >>> mesh = jax.make_mesh((1,), ("fsdp",))
-  >>> w = jax.device_put(jnp.zeros((8, 256)), jax.NamedSharding(mesh, jax.P("fsdp")))
+  >>> n = jax.device_count()
+  >>> mesh = jax.make_mesh((n,), ("fsdp",))
+  >>> w = jax.device_put(jnp.zeros((8 * n, 256)), jax.NamedSharding(mesh, jax.P("fsdp")))
   >>> tx = lo.adamw_8bit(1e-3, min_size=16)
   >>> state = lo.sharded_init(tx, {"w": w})
-  >>> tuple(state[0].mu_codes["w"].sharding.spec)
-  ('fsdp',)
+  >>> codes = state[0].mu_codes["w"]  # 8-bit codes, laid out as w: 8 rows a device
+  >>> codes.sharding.shard_shape(codes.shape) == w.sharding.shard_shape(w.shape) == (8, 256)
+  True
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
       Abstract params suffice: an FSDP layout over every device splits the 8-bit codes
       and their block scales by rows, as the param; the count is replicated.
 
+      >>> from lowbit_optax import adamw_8bit
+      >>> import jax.numpy as jnp
       >>> mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
       >>> rows = jax.NamedSharding(mesh, jax.P("fsdp"))
       >>> params = {"w": jax.ShapeDtypeStruct((8, 256), jnp.float32, sharding=rows)}
@@ -129,6 +133,7 @@ def sharded_init(tx: optax.GradientTransformation, params: Any) -> Any:
       The state, each leaf already placed as ``state_shardings`` recommends.
 
     Example:
+      >>> import jax.numpy as jnp
       >>> mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
       >>> w = jax.device_put(jnp.zeros((8, 256)), jax.NamedSharding(mesh, jax.P("fsdp")))
       >>> state = sharded_init(optax.adam(1e-3), {"w": w})

@@ -230,6 +230,7 @@ class CompensatedState(NamedTuple):
         rounding lost so far, in the param's dtype (``EMPTY`` for float32 params).
 
     Example:
+      >>> from lowbit_optax import state_bytes
       >>> params = {"w": jnp.ones(4, jnp.bfloat16), "b": jnp.ones(4)}
       >>> state = compensated().init(params)
       >>> state.compensation["w"].dtype, state.compensation["b"]  # float32: nothing
@@ -330,6 +331,7 @@ class EcoState(NamedTuple):
         weights' rounding error).
 
     Example:
+      >>> from lowbit_optax import scale_by_adam_like
       >>> tx = eco(scale_by_adam_like(), learning_rate=1e-3)
       >>> state = tx.init({"w": jnp.ones(4, jnp.bfloat16)})
       >>> int(state.count), state.key  # nearest rounding: no key

@@ -3,7 +3,6 @@ aliases, with examples that run, and arguments that conflict rejected."""
 
 from __future__ import annotations
 
-import doctest
 import inspect
 
 import jax
@@ -30,10 +29,7 @@ def test_every_alias_has_args_example_and_references() -> None:
         assert getattr(lowbit_optax, name) is fn
 
 
-def test_alias_examples_run() -> None:
-    result = doctest.testmod(aliases)
-    assert result.attempted >= 2 * sum(callable(getattr(aliases, n)) for n in aliases.__all__)
-    assert result.failed == 0
+# The aliases' docstring examples run in tests/test_docstrings.py with every public name's.
 
 
 def test_coap_rejects_inner_together_with_adam_arguments() -> None:

@@ -1049,8 +1049,11 @@ def test_no_recompilation(entry: Entry):
 # --------------------------------------------------------------------------------------
 
 
-def _run_updates(tx, params, grads_seq):
-    state, update = tx.init(params), jax.jit(tx.update)
+def _run_updates(tx, params, grads_seq, update=None, state=None):
+    """The updates of ``grads_seq`` in turn from ``state`` (default: ``tx.init``), with
+    ``update`` (default: ``jax.jit(tx.update)``; pass one to reuse its compilation)."""
+    state = tx.init(params) if state is None else state
+    update = jax.jit(tx.update) if update is None else update
     out = []
     for g in grads_seq:
         u, state = update(g, state, params)
@@ -1066,15 +1069,18 @@ def test_inject_hyperparams(entry: Entry):
     lr = entry.learning_rate
 
     plain, _ = _run_updates(entry.make(lr), params, grads_seq)
-    inj, state = _run_updates(injected(learning_rate=lr, **entry.kwargs), params, grads_seq)
+    tx = injected(learning_rate=lr, **entry.kwargs)
+    update = jax.jit(tx.update)  # compiled once for both runs
+    inj, state = _run_updates(tx, params, grads_seq, update)
     assert "learning_rate" in state.hyperparams
     chex.assert_trees_all_close(inj, plain, rtol=1e-5, atol=1e-7)
 
     # The learning rate is a traced hyperparameter: doubling it doubles the update.
-    tx = injected(learning_rate=lr, **entry.kwargs)
     state = tx.init(params)
-    state.hyperparams["learning_rate"] = jnp.asarray(2 * lr)
-    u2, _ = jax.jit(tx.update)(grads_seq[0], state, params)
+    state.hyperparams["learning_rate"] = jnp.asarray(
+        2 * lr, state.hyperparams["learning_rate"].dtype
+    )
+    u2, _ = update(grads_seq[0], state, params)
     chex.assert_trees_all_close(u2, jax.tree.map(lambda u: 2 * u, plain[0]), rtol=1e-5, atol=1e-7)
 
 
@@ -1095,11 +1101,11 @@ def test_inject_hyperparams_with_defaults(entry: Entry):
     lr = entry.learning_rate
     injected = optax.inject_hyperparams(entry.factory)
     plain, _ = _run_updates(entry.factory(learning_rate=lr), params, grads_seq)
-    inj, _ = _run_updates(injected(learning_rate=lr), params, grads_seq)
-    chex.assert_trees_all_close(inj, plain, rtol=1e-5, atol=1e-7)
     tx = injected(learning_rate=lr)
+    update = jax.jit(tx.update)  # one compilation for these updates and every set below
+    inj, _ = _run_updates(tx, params, grads_seq, update)
+    chex.assert_trees_all_close(inj, plain, rtol=1e-5, atol=1e-7)
     names = sorted(set(_INJECTED) & set(tx.init(params).hyperparams))
-    update = jax.jit(tx.update)  # one compilation for every hyperparameter set below
     for name in ["learning_rate", *names]:
         state = tx.init(params)
         state.hyperparams[name] = jnp.asarray(
@@ -1201,18 +1207,19 @@ def test_state_structure_stable(entry: Entry, dtype):
     tx = entry.make()
     params = make_params(dtype)
     state0 = tx.init(params)
-    _, state1 = jax.jit(tx.update)(grads_at(params), state0, params)
-    assert _structure(state1) == _structure(state0)
 
     @jax.jit
     def cond_update(pred, grads, state, params):
-        # lax.cond requires both branches to return identical types.
+        # lax.cond requires both branches to return identical types; one compilation
+        # serves the plain first update (pred True: the branch is tx.update) as well
         return jax.lax.cond(
             pred,
             lambda: tx.update(grads, state, params),
             lambda: (jax.tree.map(jnp.zeros_like, _as_update(entry, grads)), state),
         )
 
+    _, state1 = cond_update(True, grads_at(params), state0, params)
+    assert _structure(state1) == _structure(state0)
     for pred in (True, False):
         _updates, state2 = cond_update(pred, grads_at(params), state1, params)
         assert _structure(state2) == _structure(state0)
@@ -1271,6 +1278,23 @@ def test_sharded_explicit_mesh_without_set_mesh(entry: Entry):
     _check_explicit_mesh(entry, context=False)
 
 
+_SINGLE_DEVICE: dict[str, Any] = {}
+
+
+def _single_device_params(entry: Entry) -> Any:
+    """The params after two updates of ``entry`` on one device (computed once per
+    worker process: both explicit-mesh checks compare against it)."""
+    if entry.name not in _SINGLE_DEVICE:
+        tx = entry.make()
+        ref, ref_state = make_params(entry.param_dtype), tx.init(make_params(entry.param_dtype))
+        update = jax.jit(tx.update)
+        for _ in range(2):
+            u, ref_state = update(grads_at(ref), ref_state, ref)
+            ref = optax.apply_updates(ref, u)
+        _SINGLE_DEVICE[entry.name] = jax.device_get(ref)
+    return _SINGLE_DEVICE[entry.name]
+
+
 def _check_explicit_mesh(entry: Entry, context: bool) -> None:
     """(g) again on a mesh with Explicit axes (``jax.make_mesh``'s default, what Flax
     uses under ``jax.set_mesh``): shardings are part of the types, so every op must
@@ -1294,10 +1318,7 @@ def _check_explicit_mesh(entry: Entry, context: bool) -> None:
             assert_same_shardings(state, shardings)
     assert_finite(state, "state")
     # Sharding changes the layout, not the math: same params as a single-device run.
-    ref, ref_state = make_params(entry.param_dtype), tx.init(make_params(entry.param_dtype))
-    for _ in range(2):
-        u, ref_state = jax.jit(tx.update)(grads_at(ref), ref_state, ref)
-        ref = optax.apply_updates(ref, u)
+    ref = _single_device_params(entry)
     # bf16 params: a reduction summed in another order can flip a rounding (one unit,
     # 2**-8 to 2**-7 of the value), and a flip moves the next steps' gradients: a few
     # units after the steps here

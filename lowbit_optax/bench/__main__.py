@@ -151,9 +151,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--render",
         type=Path,
+        action="append",
         metavar="RESULTS_JSON",
         help="run nothing: write results.md, results.png and techniques.md (and the "
-        "--readme table) anew from a results.json of an earlier run",
+        "--readme table) anew from a results.json of an earlier run; repeated, the "
+        "techniques table adds the optimizers of the later runs that the first lacks",
     )
     args = parser.parse_args(argv)
 
@@ -327,8 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lowbit_optax.bench import memory_task, report, tasks  # needs the extras checked above
 
     if args.render is not None:
-        results = json.loads(args.render.read_text())
-        _write(results, args, report)
+        first, *rest = (json.loads(path.read_text()) for path in args.render)
+        _write(first, args, report, [_merged(rest)] if rest else [])
         return 0
     runners = (
         tasks.LMTask(),
@@ -391,17 +393,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _write(results: dict[str, Any], args: argparse.Namespace, report: Any) -> None:
-    """results.md, results.png and techniques.md into ``args.out`` (and the README's
-    techniques table with ``--readme``)."""
+def _merged(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One record of several runs of different tasks (their tasks together; the first
+    run's metadata, every run's command)."""
+    meta = dict(runs[0]["meta"])
+    meta["command"] = "`, `".join(r["meta"]["command"] for r in runs)
+    return {"meta": meta, "tasks": {k: v for r in runs for k, v in r["tasks"].items()}}
+
+
+def _write(
+    results: dict[str, Any],
+    args: argparse.Namespace,
+    report: Any,
+    extra: Sequence[dict[str, Any]] = (),
+) -> None:
+    """results.md, results.png and techniques.md (with ``extra`` runs' optimizers) into
+    ``args.out``, and the README's techniques table with ``--readme``."""
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(report.markdown(results))
-    (args.out / "techniques.md").write_text(report.techniques_markdown(results))
+    (args.out / "techniques.md").write_text(report.techniques_markdown(results, extra))
     report.plot(results, args.out / "results.png")
     written = "results.md, results.png, techniques.md"
     print(f"wrote {written} into {args.out}" + ("" if args.render else " (and results.json)"))
     if args.readme is not None:
-        report.sync_readme(args.readme, results)
+        report.sync_readme(args.readme, results, extra)
         print(f"updated the techniques table in {args.readme}")
 
 

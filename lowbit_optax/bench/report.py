@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -259,9 +260,20 @@ def summary_table(results: Results) -> str:
 
 
 def _task(results: Results, name: str) -> Results | None:
-    """The record of task ``name`` (its single run; None if it did not run)."""
-    task = results["tasks"].get(name)
+    """The record of task ``name``: its single run, or the only ``name@lr=...`` run of
+    a one-rate sweep; None if it did not run."""
+    keys = [k for k in results["tasks"] if k == name or k.startswith(f"{name}@lr=")]
+    task = results["tasks"][keys[0]] if len(keys) == 1 else None
     return task if task is not None and task.get("results") else None
+
+
+def _any_state(results: Results, name: str) -> float | None:
+    """``name``'s state bytes per parameter on the first task it ran on."""
+    for task in results["tasks"].values():
+        rec = task.get("results", {}).get(name)
+        if rec is not None and rec["status"] == "ok" and rec.get("bytes_per_param") is not None:
+            return rec["bytes_per_param"]
+    return None
 
 
 def _memory_model(task: Results) -> str:
@@ -270,25 +282,26 @@ def _memory_model(task: Results) -> str:
     return max(models, key=lambda m: models[m]["num_params"])
 
 
-def techniques_rows(results: Results) -> list[list[str]]:
-    """Header and one row per optimizer: its paper, state and training-step peak
-    (memory task, the largest model), eval loss vs the reference (lm), update time vs
-    the reference (the update task, else lm) and step time vs the reference (lm)."""
+TECHNIQUES_HEADER = [
+    "optimizer",
+    "paper",
+    "state B/param",
+    "step peak B/param",
+    f"eval loss vs {registry.REFERENCE}",
+    f"update time vs {registry.REFERENCE}",
+    f"step time vs {registry.REFERENCE}",
+]
+
+
+def _technique_rows(results: Results, skip: set[str]) -> list[list[str]]:
+    """The techniques rows of one run, for the optimizers not in ``skip``."""
     ref = registry.REFERENCE
     lm, update, memory = (_task(results, n) for n in ("lm", "update", "memory"))
     timed = update or lm
-    header = [
-        "optimizer",
-        "paper",
-        "state B/param",
-        "step peak B/param",
-        f"eval loss vs {ref}",
-        f"update time vs {ref}",
-        f"step time vs {ref}",
-    ]
-    names = list(dict.fromkeys(n for t in (lm, memory, timed) if t for n in t["results"]))
+    everywhere = (t["results"] for t in results["tasks"].values() if t.get("results"))
+    names = [n for n in dict.fromkeys(n for r in everywhere for n in r) if n not in skip]
     ratio = lambda r: "n/a" if r is None else f"{r:.2f}x"
-    rows = [header]
+    rows = []
     for name in names:
         mem = memory["results"].get(name) if memory else None
         mem = (mem or {}).get("memory", {}).get(_memory_model(memory)) if memory else None
@@ -301,7 +314,7 @@ def techniques_rows(results: Results) -> list[list[str]]:
             [
                 name,
                 registry.paper(name),
-                fmt(state, ".2f"),
+                fmt(state if state is not None else _any_state(results, name), ".2f"),
                 fmt(mem["step_peak"] if mem else None, ".2f"),
                 _vs_reference(rec, lm["results"].get(ref)) if ok else "n/a",
                 ratio(time_rec["update_ratio"]) if time_ok else "n/a",
@@ -311,7 +324,22 @@ def techniques_rows(results: Results) -> list[list[str]]:
     return rows
 
 
-def techniques_caption(results: Results) -> str:
+def techniques_rows(results: Results, extra: Sequence[Results] = ()) -> list[list[str]]:
+    """Header and one row per optimizer: its paper, state and training-step peak
+    (memory task, the largest model; the state of one that is not there: on lm, else on
+    the first task it ran), eval loss vs the reference (lm), update time vs the
+    reference (the update task, else lm) and step time vs the reference (lm). Rows of
+    the optimizers that ``results`` lacks follow from each run of ``extra`` in turn,
+    every ratio against that run's own reference."""
+    rows = [TECHNIQUES_HEADER]
+    for run in (results, *extra):
+        rows += _technique_rows(
+            run, {r[0] for r in rows[1:]} | ({registry.REFERENCE} if run is not results else set())
+        )
+    return rows
+
+
+def techniques_caption(results: Results, extra: Sequence[Results] = ()) -> str:
     """Where each column of the techniques table comes from, and how it was run."""
     meta = results["meta"]
     lm, update, memory = (_task(results, n) for n in ("lm", "update", "memory"))
@@ -334,17 +362,26 @@ def techniques_caption(results: Results) -> str:
     timed = "the update task" if update else "the lm task"
     parts.append(f"update time: {timed}, medians interleaved with {registry.REFERENCE}")
     device = f"{meta['device_kind']} ({meta['backend']}, {meta['cpu_count']} CPU cores)"
-    when = meta["date"][:10]
-    return (
-        f"Measured {when} on {device} by `{meta['command']}`; " + "; ".join(parts) + "; n/a: "
-        "not run on that task (EFCP windows do not fit the large shapes; their state is "
-        "that of the lm model)."
+    text = (
+        f"Measured {meta['date'][:10]} on {device} by `{meta['command']}`; "
+        + "; ".join(parts)
+        + "; n/a: not run on that task (EFCP windows do not fit the large shapes; the state "
+        "of an optimizer not on the memory task is that of the lm model, else of the "
+        "first task it ran on)."
     )
+    if extra:
+        runs = ", ".join(f"`{r['meta']['command']}` ({r['meta']['date'][:10]})" for r in extra)
+        text += (
+            f" The rows after {_technique_rows(results, set())[-1][0]} come from other "
+            f"runs of the same tasks, each against its own {registry.REFERENCE}: {runs}."
+        )
+    return text
 
 
-def techniques_markdown(results: Results) -> str:
+def techniques_markdown(results: Results, extra: Sequence[Results] = ()) -> str:
     """The techniques table (README and docs) with its caption, as markdown."""
-    return f"{_markdown(techniques_rows(results), left=2)}\n\n{techniques_caption(results)}\n"
+    table = _markdown(techniques_rows(results, extra), left=2)
+    return f"{table}\n\n{techniques_caption(results, extra)}\n"
 
 
 def techniques_console(results: Results) -> str:
@@ -355,7 +392,7 @@ def techniques_console(results: Results) -> str:
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def sync_readme(readme: Path, results: Results) -> None:
+def sync_readme(readme: Path, results: Results, extra: Sequence[Results] = ()) -> None:
     """Replaces the README's block between the results markers with the techniques
     table (``techniques_markdown``)."""
     text = readme.read_text()
@@ -363,7 +400,7 @@ def sync_readme(readme: Path, results: Results) -> None:
         raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} block")
     head, rest = text.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
-    block = "\n" + techniques_markdown(results)
+    block = "\n" + techniques_markdown(results, extra)
     readme.write_text(head + README_BEGIN + block + README_END + tail)
 
 

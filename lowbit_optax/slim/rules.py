@@ -48,6 +48,9 @@ class PathRules:
         and the leaf (or its ``ShapeDtypeStruct``).
 
     Example:
+      >>> from lowbit_optax import slim_adamw
+      >>> import jax.numpy as jnp
+      >>> import optax
       >>> rules = PathRules(lambda path, leaf: (1,) if path.endswith("kernel") else None)
       >>> params = {"dense": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}}
       >>> resolve_rules(rules, params)  # leaves in flatten order: bias, kernel
@@ -94,6 +97,8 @@ def rules_from_snr(
       ``V`` varies less down its columns (axis 0: SNR 9) than along its rows (axis 1:
       SNR 4), so axis 0 wins; the 1-D bias is never compressed by default.
 
+      >>> import jax.numpy as jnp
+      >>> from lowbit_optax import snr_table
       >>> table = snr_table({"w": jnp.array([[1.0, 3.0], [2.0, 6.0]]), "b": jnp.ones(2)})
       >>> rules_from_snr([table])
       {'b': None, 'w': (0,)}
@@ -245,6 +250,7 @@ def flax_default_rules(path: str, leaf: Any = None) -> Axes | None:
       The averaging axes, or ``None`` (no compression).
 
     Example:
+      >>> import jax.numpy as jnp
       >>> flax_default_rules("blocks/0/attn/q/kernel", jnp.zeros((64, 4, 16)))
       (0,)
       >>> flax_default_rules("blocks/0/attn/out/kernel", jnp.zeros((4, 16, 64)))
@@ -294,6 +300,7 @@ def resolve_rules(rules: Rules, tree: Any) -> list[Axes]:
       A list with, per leaf, its sorted non-negative axes (``()``: no compression).
 
     Example:
+      >>> import jax.numpy as jnp
       >>> params = {"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}
       >>> resolve_rules({"w": (-1,), "b": None}, params)  # flatten order: b, w
       [(), (1,)]
@@ -345,6 +352,7 @@ def removed_fraction(params: Any, rules: Rules) -> float:
       ``1 - kept / total`` over all leaves, a Python float.
 
     Example:
+      >>> import jax.numpy as jnp
       >>> params = {"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}
       >>> removed_fraction(params, {"w": (1,), "b": None})  # keeps 4 + 8 of 40
       0.7

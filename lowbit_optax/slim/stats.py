@@ -309,6 +309,7 @@ def snr_records(opt_state: Any, *, with_steps: bool = False) -> Any:
       ``with_steps=True``.
 
     Example:
+      >>> from lowbit_optax import rules_from_snr
       >>> tx = snr_calibration(optax.adam(0.1), every=2)
       >>> params = {"w": jnp.ones((4, 8))}
       >>> state = tx.init(params)

@@ -47,6 +47,7 @@ class ScaleBySlimAdamState(NamedTuple):
       nu_scales: per-block scales of quantized ``nu`` leaves, else ``MaskedNode``.
 
     Example:
+      >>> from lowbit_optax import state_bytes
       >>> tx = scale_by_slim_adam(rules={"w": (1,), "b": None})
       >>> state = tx.init({"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)})
       >>> state.nu["w"].shape, state.nu["b"].shape  # w's nu averaged over axis 1
@@ -427,6 +428,7 @@ def slim_state_from_adam(adam_state: Any, rules: Rules, **quantization: Any) -> 
       ``ScaleBySlimAdamState``.
 
     Example:
+      >>> from lowbit_optax import slim_adamw
       >>> params = {"w": jnp.ones((4, 8))}
       >>> grads = {"w": jnp.arange(32.0).reshape(4, 8)}
       >>> adamw = optax.adamw(1e-3)
