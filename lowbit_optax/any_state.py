@@ -229,6 +229,19 @@ def quantize_state(
     inner_tx = optax.with_extra_args_support(inner)
 
     def update_fn(updates, state, params=None, **extra_args):
+        mesh = explicit_mesh_of((updates, state, params))
+        if mesh is None:
+            return _update(updates, state, params, **extra_args)
+        # a mesh with Explicit axes: inner's own math (Muon's Newton-Schulz products of a
+        # split matrix) need not say how its sharded dimensions go, so the whole update
+        # runs with the axes made Auto, each output laid out as its input
+        specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, (updates, state))
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.sharding.auto_axes(
+                lambda u, st, p: _update(u, st, p, **extra_args), out_sharding=specs
+            )(updates, state, params)
+
+    def _update(updates, state, params=None, **extra_args):
         stored, treedef = _flatten(state.inner_state)
         fstate = treedef.unflatten([_float_view(x) for x in stored])
         # extra arguments (optax's ``value=``, ``grad=``, ...) reach ``inner`` as shared

@@ -325,11 +325,6 @@ def _lion_q4_sr(
     return lowbit_optax.quantize_state(inner, bits=4, rounding="stochastic")
 
 
-_MUON_EXPLICIT = (
-    "optax.contrib.muon itself raises ShardingTypeError on a mesh with Explicit axes (its "
-    "Newton-Schulz matmuls contract sharded dimensions without an out_sharding)"
-)
-
 REGISTRY += [
     Entry(
         name="lion_8bit",
@@ -353,8 +348,6 @@ REGISTRY += [
         state_bytes=lambda p: _any_state_bytes(p, fields=0, counts=2, muon=True),
         static_args=(*_ANY_STATIC, "ns_steps", "nesterov"),
         xfail={
-            "sharded_explicit": _MUON_EXPLICIT,
-            "explicit_no_context": _MUON_EXPLICIT,
             "update_temp": "2.67 B/param: optax.contrib.muon's Newton-Schulz step of one "
             "matrix (its float32 iterates and Gram products, inner's own math) runs whole",
         },
