@@ -356,7 +356,7 @@ def test_cli_modes_main_full_quick() -> None:
     assert main.mode == "main"
     assert main.task == ["lm", "memory"]
     assert main.optimizers == [registry.REFERENCE, *registry.MAIN]
-    assert (str(main.out), main.readme, main.calibrate_steps) == ("runs/bench", None, 100)
+    assert (str(main.out), main.readme, main.calibrate_steps) == ("runs/bench", None, 50)
     full = cli.parse_args(["--full"])
     assert full.mode == "full"
     assert full.task == list(TASKS)

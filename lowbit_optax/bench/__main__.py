@@ -103,7 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="steps of the calibration run (default 400: SNR records at steps 1, 100, ..., "
-        "400; the main job: 100)",
+        "400; the main job: 50)",
     )
     parser.add_argument(
         "--lrs",
@@ -197,7 +197,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     if args.calibrate_steps is None:
-        args.calibrate_steps = 100 if main_job else 400
+        args.calibrate_steps = 50 if main_job else 400
     if args.calibrate_steps < 1:
         parser.error(f"--calibrate-steps must be a positive integer, got {args.calibrate_steps}")
     if args.lrs is not None:

@@ -535,9 +535,9 @@ class LMTask(TrainingTask):
 
     # 300 steps at lr 1e-3
     default_plan = Plan(steps=300, lr=1e-3, log_every=10, eval_every=50, rounds=5, calls=5)
-    # the main job: 150 steps of the smaller model, fewer timing rounds
+    # the main job: 100 steps of the smaller model, fewer timing rounds
     fast_plan = Plan(
-        steps=150, lr=3e-3, log_every=10, eval_every=50, rounds=3, calls=5, amortized_rounds=1
+        steps=100, lr=3e-3, log_every=10, eval_every=50, rounds=2, calls=5, amortized_rounds=1
     )
 
     def plan(self, settings: Settings) -> Plan:
