@@ -173,18 +173,19 @@ def zeros_for(param: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     return jnp.zeros(shape, dtype)
 
 
-def auto_axes_like_inputs(fn, *args):
-    """``fn(*args)``, whose outputs have the structure of ``args``; on a mesh with Explicit
-    axes it runs with those axes made Auto (``jax.sharding.auto_axes``: decompositions
-    such as SVD and QR need unsharded operands, which XLA's propagation arranges) and each
-    output keeps the sharding of the matching input (the update the gradient's, the state
-    its own)."""
-    mesh = explicit_mesh_of(args)
+def auto_axes_like_inputs(fn, *args, extra=()):
+    """``fn(*args, *extra)``, whose outputs have the structure of ``args``; on a mesh with
+    Explicit axes it runs with those axes made Auto (``jax.sharding.auto_axes``:
+    decompositions such as SVD and QR need unsharded operands, which XLA's propagation
+    arranges; a wrapped optimizer's own math need not say how its sharded dimensions go)
+    and each output keeps the sharding of the matching input (the update the gradient's,
+    the state its own). ``extra``: inputs read only (the params)."""
+    mesh = explicit_mesh_of((args, extra))
     if mesh is None:
-        return fn(*args)
+        return fn(*args, *extra)
     specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, args)
     with jax.sharding.use_abstract_mesh(mesh):
-        return jax.sharding.auto_axes(fn, out_sharding=specs)(*args)
+        return jax.sharding.auto_axes(fn, out_sharding=specs)(*args, *extra)
 
 
 def forwarding_signature(fn: Callable[..., Any], target: Callable[..., Any], drop=()) -> Any:

@@ -57,7 +57,13 @@ from jax.extend import core as jcore
 from lowbit_optax import _leafwise
 from lowbit_optax import quantization as qz
 from lowbit_optax._driver import EMPTY, Chain, is_empty, map_rows
-from lowbit_optax._util import _is_nnx_variable, explicit_mesh_of, fit_spec, unflatten_like
+from lowbit_optax._util import (
+    _is_nnx_variable,
+    auto_axes_like_inputs,
+    explicit_mesh_of,
+    fit_spec,
+    unflatten_like,
+)
 
 # field names of non-negative (second-moment-like) and signed state leaves
 UNSIGNED_FIELDS = frozenset(
@@ -229,17 +235,11 @@ def quantize_state(
     inner_tx = optax.with_extra_args_support(inner)
 
     def update_fn(updates, state, params=None, **extra_args):
-        mesh = explicit_mesh_of((updates, state, params))
-        if mesh is None:
-            return _update(updates, state, params, **extra_args)
-        # a mesh with Explicit axes: inner's own math (Muon's Newton-Schulz products of a
-        # split matrix) need not say how its sharded dimensions go, so the whole update
-        # runs with the axes made Auto, each output laid out as its input
-        specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, (updates, state))
-        with jax.sharding.use_abstract_mesh(mesh):
-            return jax.sharding.auto_axes(
-                lambda u, st, p: _update(u, st, p, **extra_args), out_sharding=specs
-            )(updates, state, params)
+        # on a mesh with Explicit axes the whole update runs with them made Auto, so
+        # inner's own math (Muon's Newton-Schulz products of a split matrix) need not say
+        # how its sharded dimensions go
+        update = lambda u, st, p: _update(u, st, p, **extra_args)
+        return auto_axes_like_inputs(update, updates, state, extra=(params,))
 
     def _update(updates, state, params=None, **extra_args):
         stored, treedef = _flatten(state.inner_state)
